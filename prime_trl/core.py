@@ -162,8 +162,8 @@ def normalize_process_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torc
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``(values - mu) / sqrt(var + 1e-8) * mask`` with the masked mean and unbiased (Bessel) masked variance."""
     n = mask.sum()
-    mean = (values * mask).sum() / n
-    var = (((values - mean) * mask) ** 2).sum() / (n - 1)
+    mean = (values * mask).sum() / n.clamp(min=1)
+    var = (((values - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
     return (values - mean) * torch.rsqrt(var + _EPS_WHITEN) * mask
 
 

@@ -1,0 +1,76 @@
+"""The few collectives PRIME needs, on plain `torch.distributed` so that the TRL trainer (accelerate) and the
+Lightning module (Lightning strategies) share them. Every function is a no-op in a single process."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over processes, in place; returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of ``tensor`` over processes, in place; returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def gather_rows(tensor: torch.Tensor, pad_value: float = 0) -> torch.Tensor:
+    """Concatenate ``tensor`` ``[N_p, *rest]`` of every process ``p`` along dim 0, in rank order.
+
+    Processes may hold different ``N_p`` and, for 2-D tensors, different widths ``T_p``: rows are padded to the
+    largest width with ``pad_value`` on the right, and the padding rows added for the exchange are dropped again.
+    """
+    if not is_distributed():
+        return tensor
+    sizes = torch.tensor(list(tensor.shape[:2]) + [0] * (2 - tensor.dim()), device=tensor.device)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(world_size())]
+    dist.all_gather(all_sizes, sizes)
+    max_rows = max(int(s[0]) for s in all_sizes)
+    padded = tensor
+    if tensor.dim() == 2:
+        max_width = max(int(s[1]) for s in all_sizes)
+        padded = F.pad(padded, (0, max_width - tensor.shape[1]), value=pad_value)
+    padded = torch.cat([padded, padded.new_full((max_rows - tensor.shape[0], *padded.shape[1:]), pad_value)])
+    pieces = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(pieces, padded.contiguous())
+    return torch.cat([piece[: int(size[0])] for piece, size in zip(pieces, all_sizes)])
+
+
+def all_reduce_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients of ``parameters`` over processes (missing gradients count as zeros).
+
+    Used for the PRM adapter, which the data-parallel wrapper does not know about (it was frozen when the wrapper
+    was built), so its gradients are not synchronised by DDP itself.
+    """
+    if not is_distributed():
+        return
+    for param in parameters:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    flat = torch.cat([param.grad.reshape(-1) for param in parameters])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for param in parameters:
+        numel = param.grad.numel()
+        param.grad.copy_(flat[offset : offset + numel].view_as(param.grad))
+        offset += numel

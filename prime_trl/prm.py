@@ -1,0 +1,413 @@
+"""The implicit PRM as a LoRA adapter: adapter set-up, log-probs at temperature 1, and the online update.
+
+Shared by `PRIMETrainer` (TRL) and `PRIMEModule` (Lightning); the math lives in `prime_trl.core`.
+
+The PRM is an adapter named e.g. ``prm`` on a `peft.PeftModel`. The reference is the same model with every
+adapter disabled. With a LoRA policy this is the policy's own base (one set of base weights serves policy, PRM
+and reference); with a fully fine-tuned policy it is one frozen copy of the initial model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from trl.trainer.utils import use_adapter
+
+from . import core, distributed
+
+logger = logging.getLogger(__name__)
+
+# LoRA initialisations that rewrite the base weights; the reference (the base) would no longer be the SFT model.
+_BASE_MODIFYING_INITS = ("pissa", "olora", "loftq", "corda", "eva", "orthogonal")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batches and log-probs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompletionBatch:
+    """Token tensors of ``B`` prompt + completion rows: prompts left-padded ``[B, P]``, completions right-padded
+    ``[B, T]``; ``completion_mask`` is 1 on completion tokens up to and including the first EOS."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def select(self, rows: torch.Tensor | slice) -> CompletionBatch:
+        return CompletionBatch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+
+def completion_log_probs(model: torch.nn.Module, batch: CompletionBatch, fused: bool) -> torch.Tensor:
+    """Log-probs ``[B, T]`` of the completion tokens at temperature 1.
+
+    The log-prob of completion token ``t`` comes from the logits at the position before it (PRIME_SPEC trap 1).
+
+    Args:
+        model: a causal LM (possibly a `PeftModel`).
+        batch: the rows to score.
+        fused: use TRL's fused LM head (``model(..., fused_lm_head=True)``), which never materialises the
+            ``[B, T, vocab]`` logits. Only valid when the head was added with temperature 1.
+    """
+    input_ids, attention_mask = batch.input_ids, batch.attention_mask
+    num_completion = batch.completion_ids.shape[1]
+    if fused:
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :-num_completion] = -100
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        return outputs.log_probs[:, -num_completion:].float()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=num_completion + 1).logits
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return log_probs.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Adapter set-up and persistence
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_lora_config(config: LoraConfig, role: str) -> None:
+    """Reject LoRA settings PRIME cannot honour, with the fix in the message."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"The {role} adapter must be a peft.LoraConfig, got {type(config).__name__}.")
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
+        raise ValueError(
+            f"The {role} adapter uses init_lora_weights={init!r}, which rewrites the base weights; the PRIME "
+            "reference is the base with adapters disabled, so it would no longer be the starting model. Use "
+            "init_lora_weights=True (or 'gaussian')."
+        )
+    targets = config.target_modules
+    names = [targets] if isinstance(targets, str) else list(targets or [])
+    if "lm_head" in names or "lm_head" in (config.modules_to_save or []):
+        raise ValueError(
+            f"The {role} adapter targets lm_head; TRL computes log-probs from lm_head.weight directly, so an "
+            "adapter there would be ignored. Remove 'lm_head' from target_modules / modules_to_save."
+        )
+
+
+def default_prm_lora_config(
+    policy_config: LoraConfig | None, r: int | None = None, alpha: int | None = None
+) -> LoraConfig:
+    """A new PRM adapter's settings: the policy's LoRA settings (or r=16, alpha=32 on all linear layers), with
+    dropout 0 (deterministic rewards) and zero-initialised ``B`` so that PRM == reference at step 0."""
+    if policy_config is not None:
+        config = copy.deepcopy(policy_config)
+    else:
+        config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    config.lora_dropout = 0.0
+    config.init_lora_weights = True
+    config.inference_mode = False
+    if r is not None:
+        config.r = r
+    if alpha is not None:
+        config.lora_alpha = alpha
+    return config
+
+
+def freeze_adapter(model: PeftModel, adapter_name: str) -> None:
+    """Set ``requires_grad=False`` on one adapter (``set_adapter`` / ``use_adapter`` turn it on when active)."""
+    for param in adapter_parameters(model, adapter_name):
+        param.requires_grad_(False)
+
+
+def adapter_parameters(model: torch.nn.Module, adapter_name: str) -> list[torch.nn.Parameter]:
+    """The parameters of one adapter, identified by PEFT's ``.<adapter_name>.`` naming."""
+    marker = f".{adapter_name}."
+    return [param for name, param in model.named_parameters() if marker in name]
+
+
+def add_prm_adapter(
+    model: PeftModel, adapter_name: str, prm: LoraConfig | str | Path | None, default_config: LoraConfig
+) -> None:
+    """Add the PRM adapter to ``model``: from a saved adapter directory, a `LoraConfig`, or ``default_config``.
+
+    The adapter is added frozen and inactive; the active adapter does not change.
+    """
+    if adapter_name in model.peft_config:
+        raise ValueError(f"The model already has an adapter named {adapter_name!r}; choose another prm_adapter_name.")
+    if isinstance(prm, (str, Path)):
+        path = Path(prm)
+        if not (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"prm={str(prm)!r} is not a saved PEFT adapter directory (no adapter_config.json). Pass the `prm/` "
+                "folder of a prime-trl checkpoint or output directory."
+            )
+        config = LoraConfig.from_pretrained(str(path))
+        check_lora_config(config, "PRM")
+        config.inference_mode = False
+        model.add_adapter(adapter_name, config)
+        load_adapter_weights(model, adapter_name, path)
+    else:
+        config = prm if prm is not None else default_config
+        check_lora_config(config, "PRM")
+        if config.lora_dropout:
+            logger.warning(
+                "The PRM LoraConfig has lora_dropout=%s; implicit rewards will be noisy. PRIME uses 0.", config.lora_dropout
+            )
+        model.add_adapter(adapter_name, config)
+    freeze_adapter(model, adapter_name)
+
+
+def save_adapter(model: PeftModel, adapter_name: str, directory: str | Path) -> None:
+    """Write one adapter as a standalone PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``),
+    loadable with ``PeftModel.from_pretrained(base, directory)`` or ``model.load_adapter(directory, name)``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "adapter_model.safetensors"))
+    config = copy.deepcopy(model.peft_config[adapter_name])
+    config.inference_mode = True
+    config.save_pretrained(str(directory))
+
+
+def load_adapter_weights(model: PeftModel, adapter_name: str, directory: str | Path) -> None:
+    """Load weights saved by `save_adapter` (or PEFT) into an existing adapter, checking nothing is missed."""
+    state = load_peft_weights(str(directory), device=str(next(model.parameters()).device))
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    missing = [key for key in result.missing_keys if f".{adapter_name}." in key]
+    if missing:
+        raise RuntimeError(f"Loading the {adapter_name!r} adapter from {directory} left {len(missing)} weights unset.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The online PRM
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PRMOutput:
+    """What one PRM pass over a batch gives back (rows in the order they came in)."""
+
+    prm_logps: torch.Tensor  # [N, T] detached, the log-probs the token rewards are computed from
+    ref_logps: torch.Tensor  # [N, T]
+    loss: float | None = None  # global mean PRM loss over the mini-batches (None without an update)
+    grad_norm: float | None = None  # mean pre-clip gradient norm over the PRM optimizer steps
+    update_seconds: float = 0.0
+    optimizer_steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class ImplicitPRM:
+    """Owns the PRM adapter's optimizer and runs PRIME's online PRM update (PRIME_SPEC.md section 2, step 5).
+
+    Args:
+        model: the `PeftModel` carrying the adapter. In data-parallel training pass the *unwrapped* model: the
+            PRM's gradients are summed here, not by the DDP wrapper.
+        adapter_name: the PRM adapter.
+        beta: ``prime_beta``.
+        loss_type: ``"ce"`` or ``"dpo"``.
+        update_mode: ``"single"``, ``"double"`` or ``"none"``.
+        micro_batch_size: rows per forward / backward.
+        num_mini_batches: PRM optimizer steps per call of `score_and_update`.
+        max_grad_norm: clip of the PRM gradient norm.
+        fused_log_probs: whether ``model`` carries TRL's fused LM head at temperature 1.
+        autocast: factory of the mixed-precision context used for every forward.
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        adapter_name: str,
+        *,
+        beta: float,
+        loss_type: str = "ce",
+        update_mode: str = "single",
+        micro_batch_size: int = 4,
+        num_mini_batches: int = 1,
+        max_grad_norm: float = 10.0,
+        fused_log_probs: bool = False,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
+    ):
+        self.model = model
+        self.adapter_name = adapter_name
+        self.beta = beta
+        self.loss_type = loss_type
+        self.update_mode = update_mode
+        self.micro_batch_size = micro_batch_size
+        self.num_mini_batches = num_mini_batches
+        self.max_grad_norm = max_grad_norm
+        self.fused_log_probs = fused_log_probs
+        self.autocast = autocast
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    # ----- parameters and optimizer -----
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return adapter_parameters(self.model, self.adapter_name)
+
+    def create_optimizer(
+        self,
+        learning_rate: float,
+        weight_decay: float = 0.0,
+        scheduler_type: str = "constant",
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+    ) -> None:
+        """AdamW over the PRM adapter only, plus a transformers learning-rate schedule."""
+        from transformers import get_scheduler
+
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        self.scheduler = get_scheduler(
+            scheduler_type, self.optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps
+        )
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    # ----- forwards -----
+
+    def _log_probs(self, batch: CompletionBatch, adapter: str | None) -> torch.Tensor:
+        """Completion log-probs under ``adapter`` (``None``: adapters disabled = reference), no gradient."""
+        with torch.no_grad(), use_adapter(self.model, adapter), self.autocast():
+            return completion_log_probs(self.model, batch, self.fused_log_probs)
+
+    def _micro_batches(self, rows: torch.Tensor) -> Iterator[torch.Tensor]:
+        for start in range(0, len(rows), self.micro_batch_size):
+            yield rows[start : start + self.micro_batch_size]
+
+    def score(self, batch: CompletionBatch) -> PRMOutput:
+        """PRM and reference log-probs without any update (``prm_update="none"`` and evaluation)."""
+        prm_parts, ref_parts = [], []
+        for rows in self._micro_batches(torch.arange(len(batch), device=batch.completion_ids.device)):
+            micro = batch.select(rows)
+            # Reference and PRM see identical micro-batches, so at step 0 (PRM == reference) the rewards are
+            # exactly zero rather than O(1e-7) noise that normalisation would blow up (PRIME_SPEC trap 5).
+            ref_parts.append(self._log_probs(micro, None))
+            prm_parts.append(self._log_probs(micro, self.adapter_name))
+        return PRMOutput(prm_logps=_cat_rows(prm_parts, batch), ref_logps=_cat_rows(ref_parts, batch))
+
+    def score_and_update(
+        self, batch: CompletionBatch, labels: torch.Tensor, group_ids: torch.Tensor | None = None
+    ) -> PRMOutput:
+        """One online PRM update on ``batch`` (this process's rows) and the log-probs for the token rewards.
+
+        Args:
+            batch: ``N`` rows, each group's rows together (groups may continue on other processes).
+            labels: ``[N]`` outcome labels in ``[0, 1]``.
+            group_ids: ``[N]`` global group index of each row; needed by the DPO loss.
+
+        Every process must call this together (gradients and counts are summed over processes), even with
+        ``N = 0``.
+        """
+        if self.update_mode == "none":
+            return self.score(batch)
+        if self.optimizer is None:
+            raise RuntimeError("ImplicitPRM.create_optimizer() must be called before score_and_update().")
+        start_time = time.perf_counter()
+        device = batch.completion_ids.device
+        group_context = self._dpo_group_context(batch, labels, group_ids) if self.loss_type == "dpo" else None
+
+        mini_batches = torch.arange(len(batch), device=device).tensor_split(self.num_mini_batches)
+        # Each row's loss is weighted by 1 / (rows of its mini-batch over all processes); summing the gradients
+        # over processes then gives the exact global mean, however unevenly the filter left rows per process.
+        global_rows = distributed.all_reduce_sum(torch.tensor([len(m) for m in mini_batches], device=device).float())
+        params = self.parameters()
+        prm_parts, ref_parts, losses, grad_norms = [], [], [], []
+        for mini_rows, mini_size in zip(mini_batches, global_rows.tolist()):
+            if mini_size == 0:
+                continue
+            mini_loss = torch.zeros((), device=device)
+            for rows in self._micro_batches(mini_rows):
+                micro = batch.select(rows)
+                ref_logps = self._log_probs(micro, None)
+                # Forward and backward both inside the adapter context: with gradient checkpointing the backward
+                # re-runs the forward, and it must see the PRM adapter active (PRIME_SPEC trap 7).
+                with torch.enable_grad(), use_adapter(self.model, self.adapter_name), self.autocast():
+                    prm_logps = completion_log_probs(self.model, micro, self.fused_log_probs)
+                    loss = self._loss(prm_logps, ref_logps, micro, labels[rows], rows, group_context)
+                    (loss * len(rows) / mini_size).backward()
+                mini_loss += loss.detach() * len(rows) / mini_size
+                prm_parts.append(prm_logps.detach())
+                ref_parts.append(ref_logps)
+            distributed.all_reduce_gradients(params)
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.append(float(distributed.all_reduce_sum(mini_loss)))
+
+        if self.update_mode == "double":
+            rescored = self.score(batch)
+            prm_logps, ref_logps = rescored.prm_logps, rescored.ref_logps
+        else:
+            prm_logps, ref_logps = _cat_rows(prm_parts, batch), _cat_rows(ref_parts, batch)
+        return PRMOutput(
+            prm_logps=prm_logps,
+            ref_logps=ref_logps,
+            loss=sum(losses) / len(losses) if losses else None,
+            grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else None,
+            update_seconds=time.perf_counter() - start_time,
+            optimizer_steps=len(losses),
+        )
+
+    def _loss(
+        self,
+        prm_logps: torch.Tensor,
+        ref_logps: torch.Tensor,
+        micro: CompletionBatch,
+        labels: torch.Tensor,
+        rows: torch.Tensor,
+        group_context: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        mask = micro.completion_mask.to(prm_logps.dtype)
+        if self.loss_type == "ce":
+            return core.prm_ce_loss(prm_logps, ref_logps, mask, labels, self.beta)
+        group_log_ratios, group_labels = group_context
+        return core.prm_dpo_loss(
+            prm_logps, ref_logps, mask, labels, self.beta, group_log_ratios[rows], group_labels[rows]
+        )
+
+    def _dpo_group_context(
+        self, batch: CompletionBatch, labels: torch.Tensor, group_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For every local row, the detached ``Q = sum_t (prm - ref)`` and labels of all members of its group
+        (``[N, K]`` each), gathered over processes since a group may straddle them."""
+        if group_ids is None:
+            raise ValueError("The DPO PRM loss needs group_ids for every row.")
+        scored = self.score(batch)
+        log_ratios = ((scored.prm_logps - scored.ref_logps) * batch.completion_mask).sum(-1)
+        all_ratios = distributed.gather_rows(log_ratios)
+        all_labels = distributed.gather_rows(labels.to(log_ratios.dtype))
+        all_groups = distributed.gather_rows(group_ids)
+        same_group = group_ids.unsqueeze(-1) == all_groups.unsqueeze(0)  # [N, N_global]
+        group_size = int(same_group.sum(-1).max()) if len(group_ids) else 0
+        # Members of a group are the same for each of its rows; stack them as [N, K] (groups are complete).
+        members = [torch.nonzero(row).squeeze(-1)[:group_size] for row in same_group]
+        index = torch.stack(members) if members else torch.zeros(0, group_size, dtype=torch.long)
+        return all_ratios[index], all_labels[index]
+
+
+def _cat_rows(parts: list[torch.Tensor], batch: CompletionBatch) -> torch.Tensor:
+    if parts:
+        return torch.cat(parts)
+    return batch.completion_mask.new_zeros(batch.completion_mask.shape, dtype=torch.float32)

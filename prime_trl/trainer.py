@@ -1,0 +1,524 @@
+"""`PRIMETrainer`: PRIME on TRL's `GRPOTrainer`, with the implicit PRM as a LoRA adapter on the policy's base.
+
+TRL generates, scores with the reward functions and runs the clipped policy loss. This subclass only changes
+what happens between scoring and the loss (`_generate_and_score_completions`): the accuracy filter, the online
+PRM update, implicit token rewards and PRIME's per-token advantages, which TRL's `_compute_loss` accepts as
+``[B, T]``. The formulas are in `prime_trl.core`, the PRM adapter machinery in `prime_trl.prm`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOTrainer
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, get_callable_name
+
+from . import core, distributed
+from .config import PRIMEConfig
+from .prm import (
+    CompletionBatch,
+    ImplicitPRM,
+    PRMOutput,
+    add_prm_adapter,
+    adapter_parameters,
+    check_lora_config,
+    default_prm_lora_config,
+    load_adapter_weights,
+    save_adapter,
+)
+
+logger = logging.getLogger(__name__)
+
+PRM_DIR_NAME = "prm"
+PRM_STATE_NAME = "prm_optimizer.pt"
+# Keyword arguments TRL itself passes to every reward function (the rest are dataset columns).
+_TRL_REWARD_KWARGS = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric", "environments"}
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised or returned something other than one score per completion."""
+
+
+class PRIMETrainer(GRPOTrainer):
+    """PRIME (Cui et al., 2025, arXiv:2502.01456) on TRL's `GRPOTrainer`.
+
+    The policy is the LoRA adapter ``default``; the implicit PRM is a second LoRA adapter (``args.prm_adapter_name``)
+    on the same frozen base; the reference for the implicit reward is that base with adapters disabled.
+
+    Args:
+        model: hub id or local path, `PreTrainedModel`, or `PeftModel` whose policy adapter is ``default``. A plain
+            model with ``peft_config=None`` is trained in full; its PRM then lives on one frozen copy of the
+            initial model, which is also the reference.
+        prm: ``None`` (a zero-initialised adapter with the policy's LoRA settings, so PRM == reference at step 0),
+            a `peft.LoraConfig`, or the directory of a saved PRM adapter (e.g. ``<checkpoint>/prm``).
+        args: a `PRIMEConfig`.
+        reward_funcs: TRL reward functions. The verifier (``args.verifier``, default the first) gives the PRM's
+            outcome labels in [0, 1] and drives the accuracy filter; the weighted sum of all of them
+            (``args.reward_weights``) is the outcome reward of the advantages.
+        train_dataset, eval_dataset: datasets with a ``prompt`` column plus the columns the reward functions need.
+        processing_class: tokenizer (loaded from ``model`` when ``None``).
+        peft_config: `peft.LoraConfig` of the policy adapter.
+        callbacks, optimizers, quantization_config, reward_processing_classes: as in `GRPOTrainer`.
+
+    Example:
+        ```python
+        from peft import LoraConfig
+        from prime_trl import PRIMEConfig, PRIMETrainer
+        from prime_trl.rewards import math_reward
+
+        trainer = PRIMETrainer(
+            "Qwen/Qwen2.5-0.5B-Instruct",
+            args=PRIMEConfig(output_dir="out"),
+            reward_funcs=math_reward,
+            train_dataset=dataset,  # columns: prompt, answer
+            peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+        )
+        trainer.train()
+        ```
+    """
+
+    _tag_names = ["trl", "prime", "prime-trl"]
+    _name = "PRIME"
+    _paper = {
+        "title": "Process Reinforcement through Implicit Rewards",
+        "id": "2502.01456",
+        "citation": (
+            "@article{cui2025process,\n  title={Process Reinforcement through Implicit Rewards},\n"
+            "  author={Cui, Ganqu and Yuan, Lifan and Wang, Zefan and others},\n"
+            "  journal={arXiv preprint arXiv:2502.01456},\n  year={2025}\n}"
+        ),
+    }
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | PeftModel,
+        prm: LoraConfig | str | os.PathLike | None = None,
+        args: PRIMEConfig | None = None,
+        *,
+        reward_funcs: Callable | list[Callable] | str | list[str],
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config: LoraConfig | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+        quantization_config=None,
+        reward_processing_classes=None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else type(model).__name__
+            args = PRIMEConfig(output_dir=f"{str(model_name).rstrip('/').split('/')[-1]}-PRIME")
+        elif not isinstance(args, PRIMEConfig):
+            raise TypeError(
+                f"args must be a PRIMEConfig, got {type(args).__name__}. Build it with PRIMEConfig(...) (it accepts "
+                "every GRPOConfig field)."
+            )
+        reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        if not reward_funcs:
+            raise ValueError("PRIMETrainer needs at least one reward function: the verifier that labels completions.")
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            _check_dataset_columns(dataset, name, reward_funcs)
+        if peft_config is not None:
+            check_lora_config(peft_config, "policy")
+        if isinstance(model, PeftModel):
+            if "default" not in model.peft_config:
+                raise ValueError(
+                    f"The PeftModel's adapters are {list(model.peft_config)}; PRIMETrainer trains the adapter named "
+                    "'default' as the policy. Load your policy adapter under the name 'default'."
+                )
+            check_lora_config(model.peft_config["default"], "policy")
+
+        super().__init__(
+            model=model,
+            reward_funcs=[_guard_reward_function(func) for func in reward_funcs],
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        self.verifier_index = self._resolve_verifier(args.verifier)
+        self.prm = self._build_prm(prm if prm is not None else args.prm_name_or_path)
+        self._rewards_per_func: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Set-up
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _resolve_verifier(self, verifier: str | None) -> int:
+        names = self.reward_func_names
+        if verifier is None:
+            return 0
+        if verifier.isdigit() and int(verifier) < len(names):
+            return int(verifier)
+        if verifier in names:
+            return names.index(verifier)
+        raise ValueError(f"verifier={verifier!r} is not one of the reward functions {names} (name or index).")
+
+    def _build_prm(self, prm: LoraConfig | str | os.PathLike | None) -> ImplicitPRM:
+        """Add the PRM adapter (on the policy's base, or on a frozen copy for a fully fine-tuned policy)."""
+        args = self.args
+        name = args.prm_adapter_name
+        if isinstance(self.model, PeftModel):
+            host = self.model
+            policy_config = self.model.peft_config["default"]
+            default_config = default_prm_lora_config(policy_config, args.prm_lora_r, args.prm_lora_alpha)
+            add_prm_adapter(host, name, prm, default_config)
+            # TRL's fused LM head divides by the sampling temperature; PRIME's log-probs are at temperature 1.
+            fused = self.temperature == 1.0
+        else:
+            host = self._frozen_copy_with_prm(prm, name)
+            fused = True
+        if args.disable_dropout:
+            disable_dropout_in_model(host)
+        micro_batch_size = args.prm_micro_batch_size or args.per_device_train_batch_size
+        logger.info(
+            "PRIME: PRM adapter %r on %s (%d trainable PRM parameters).",
+            name,
+            "the policy's base" if host is self.model else "a frozen copy of the initial model",
+            sum(p.numel() for p in adapter_parameters(host, name)),
+        )
+        return ImplicitPRM(
+            host,
+            name,
+            beta=args.prime_beta,
+            loss_type=args.prm_loss_type,
+            update_mode=args.prm_update,
+            micro_batch_size=micro_batch_size,
+            num_mini_batches=args.prm_num_mini_batches,
+            max_grad_norm=args.prm_max_grad_norm,
+            fused_log_probs=fused,
+            autocast=self.accelerator.autocast,
+        )
+
+    def _frozen_copy_with_prm(self, prm: LoraConfig | str | os.PathLike | None, name: str) -> PeftModel:
+        """Full fine-tune policy: the PRM is a LoRA adapter on one frozen copy of the initial model, which with
+        adapters disabled is also the reference (one extra copy, not two)."""
+        base = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+        # The copied fused-head forward still calls the *original* model's forward; restore the class forward and
+        # add a fresh fused head at temperature 1 (PRIME's log-probs are never temperature-scaled).
+        base.__dict__.pop("forward", None)
+        add_fused_lm_head(base, temperature=1.0)
+        base.requires_grad_(False)
+        if isinstance(prm, (str, os.PathLike)):
+            config = LoraConfig.from_pretrained(str(prm))
+            config.inference_mode = False
+        else:
+            config = prm if prm is not None else default_prm_lora_config(None, self.args.prm_lora_r, self.args.prm_lora_alpha)
+        check_lora_config(config, "PRM")
+        host = get_peft_model(base, config, adapter_name=name)
+        if isinstance(prm, (str, os.PathLike)):
+            load_adapter_weights(host, name, prm)
+        if self.args.gradient_checkpointing:
+            host.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
+            host.enable_input_require_grads()
+        return host
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The policy's scheduler (TRL), then the PRM's own optimizer and scheduler, sized to the same run."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.prm.optimizer is None:
+            args = self.args
+            generations = math.ceil(
+                num_training_steps * args.gradient_accumulation_steps / (args.steps_per_generation * self.num_iterations)
+            )
+            self.prm.create_optimizer(
+                args.prm_learning_rate,
+                args.prm_weight_decay,
+                args.prm_lr_scheduler_type,
+                args.prm_warmup_steps,
+                total_steps=max(1, generations * args.prm_num_mini_batches),
+            )
+        return scheduler
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        prm_ids = {id(p) for p in self.prm.parameters()}
+        leaked = [p for group in optimizer.param_groups for p in group["params"] if id(p) in prm_ids]
+        if leaked:
+            raise RuntimeError(
+                f"{len(leaked)} PRM parameters ended up in the policy optimizer; the PRM adapter must be inactive "
+                "when training starts (do not call set_adapter on the PRM before train())."
+            )
+        return optimizer
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The PRIME step: runs inside TRL's scoring step, once per generation batch
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._rewards_per_func = rewards_per_func  # [N_global, n_funcs], gathered over processes by TRL
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        batch = CompletionBatch(
+            output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"]
+        )
+        start_time = time.perf_counter()
+        output["advantages"] = self._prime_advantages(batch, self._rewards_per_func, mode)
+        self._metrics[mode]["prime/scoring_time"].append(time.perf_counter() - start_time)
+        return output
+
+    def _prime_advantages(self, batch: CompletionBatch, rewards_per_func: torch.Tensor, mode: str) -> torch.Tensor:
+        """Per-token advantages ``[B_local, T_local]`` for this process's rows (PRIME_SPEC.md section 2, 3-6)."""
+        args = self.args
+        device = batch.completion_ids.device
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        num_local = len(batch)
+        local_rows = slice(self.accelerator.process_index * num_local, (self.accelerator.process_index + 1) * num_local)
+
+        # Outcome labels for the PRM come from the verifier; the outcome reward is TRL's weighted sum.
+        labels = torch.nan_to_num(rewards_per_func[:, self.verifier_index], nan=0.0).clamp(0.0, 1.0)
+        outcome = (rewards_per_func * self.reward_weights.to(device)).nansum(dim=1)
+
+        # Accuracy filter (step 3): whole groups in or out; filtered rows train neither PRM nor policy.
+        if args.accuracy_filter and mode == "train":
+            kept_groups = core.accuracy_filter(labels, group_size, args.accuracy_lower_bound, args.accuracy_upper_bound)
+        else:
+            kept_groups = torch.ones(labels.shape[0] // group_size, dtype=torch.bool, device=device)
+        kept_rows = kept_groups.repeat_interleave(group_size)
+        self._metrics[mode]["filter/pass_rate"].append(kept_groups.float().mean().item())
+
+        # Reference + PRM log-probs and the online PRM update (steps 4-5), on this process's kept rows.
+        token_rewards = torch.zeros(batch.completion_mask.shape, dtype=torch.float32, device=device)
+        if args.process_reward_coef > 0 or args.prm_update != "none":
+            local_kept = torch.nonzero(kept_rows[local_rows]).squeeze(-1)
+            kept_batch = batch.select(local_kept)
+            if mode == "train":
+                global_index = local_kept + local_rows.start
+                prm_out = self.prm.score_and_update(
+                    kept_batch, labels[global_index], group_ids=global_index // group_size
+                )
+            else:
+                prm_out = self.prm.score(kept_batch)
+            token_rewards[local_kept] = core.implicit_token_rewards(
+                prm_out.prm_logps, prm_out.ref_logps, kept_batch.completion_mask.float(), args.prime_beta
+            )
+            self._log_prm_update(prm_out, mode)
+
+        # Steps 6: gather everything so groups split over processes and whitening see the whole batch.
+        all_rewards = distributed.gather_rows(token_rewards)
+        mask = distributed.gather_rows(batch.completion_mask.float()) * kept_rows.unsqueeze(-1)
+        self._log_reward_stats(all_rewards, mask, labels, kept_rows, group_size, mode)
+        if mask.sum() == 0:  # every group filtered out: nothing to learn from this batch
+            return torch.zeros_like(token_rewards)
+        if args.process_reward_norm == "batch":
+            process_rewards = core.normalize_process_rewards(all_rewards, mask)
+        else:
+            process_rewards = all_rewards * mask
+        advantages = self._estimate_advantages(process_rewards, outcome, mask, group_size)
+        return advantages[local_rows, : batch.completion_mask.shape[1]]
+
+    def _estimate_advantages(
+        self, process_rewards: torch.Tensor, outcome: torch.Tensor, mask: torch.Tensor, group_size: int
+    ) -> torch.Tensor:
+        args = self.args
+        common = dict(
+            process_coef=args.process_reward_coef,
+            outcome_coef=args.outcome_reward_coef,
+            gamma=args.gamma,
+            whiten=args.whiten_advantages,
+        )
+        if args.advantage_estimator == "rloo":
+            return core.rloo_advantages(process_rewards, outcome, mask, group_size, **common)
+        if args.advantage_estimator == "grpo":
+            return core.grpo_prime_advantages(process_rewards, outcome, mask, group_size, **common)
+        return core.reinforce_prime_advantages(process_rewards, outcome, mask, **common)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Metrics
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _log_prm_update(self, prm_out: PRMOutput, mode: str) -> None:
+        metrics = self._metrics[mode]
+        if prm_out.loss is not None:
+            metrics["prm/loss"].append(prm_out.loss)
+            metrics["prm/grad_norm"].append(prm_out.grad_norm)
+            metrics["prm/update_time"].append(prm_out.update_seconds)
+            metrics["prm/learning_rate"].append(self.prm.scheduler.get_last_lr()[0])
+
+    def _log_reward_stats(
+        self,
+        token_rewards: torch.Tensor,
+        mask: torch.Tensor,
+        labels: torch.Tensor,
+        kept_rows: torch.Tensor,
+        group_size: int,
+        mode: str,
+    ) -> None:
+        """Implicit-reward statistics over the kept rows of the global batch (PRM accuracy as in Fig. 5)."""
+        metrics = self._metrics[mode]
+        if not kept_rows.any():
+            return
+        seq_rewards = token_rewards.sum(-1)
+        metrics["prm/accuracy"].append(core.prm_pairwise_accuracy(seq_rewards[kept_rows], labels[kept_rows], group_size))
+        for name, rows in (("correct", kept_rows & (labels >= 0.5)), ("wrong", kept_rows & (labels < 0.5))):
+            if rows.any():
+                metrics[f"prm/seq_reward_{name}/mean"].append(seq_rewards[rows].mean().item())
+                metrics[f"prm/seq_reward_{name}/std"].append(seq_rewards[rows].std(unbiased=False).item())
+        valid = token_rewards[mask.bool()]
+        if valid.numel():
+            metrics["process_reward/mean"].append(valid.mean().item())
+            metrics["process_reward/std"].append(valid.std(unbiased=False).item())
+            metrics["process_reward/abs_max"].append(valid.abs().max().item())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checkpoints: policy adapter at the root (TRL), PRM adapter in prm/, PRM optimizer + scheduler beside it
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            save_adapter(self.prm.model, self.prm.adapter_name, Path(output_dir or self.args.output_dir) / PRM_DIR_NAME)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save and self.prm.optimizer is not None:
+            checkpoint_dir = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            torch.save(self.prm.state_dict(), checkpoint_dir / PRM_STATE_NAME)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        prm_dir = Path(checkpoint) / PRM_DIR_NAME
+        if not (prm_dir / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"Checkpoint {checkpoint} has no PRM adapter in {prm_dir}; cannot resume PRIME.")
+        load_adapter_weights(self.prm.model, self.prm.adapter_name, prm_dir)
+        state_path = Path(checkpoint) / PRM_STATE_NAME
+        if state_path.is_file():
+            self.prm.load_state_dict(torch.load(state_path, map_location=self.accelerator.device, weights_only=True))
+        else:
+            logger.warning("Checkpoint %s has no %s; the PRM optimizer restarts from scratch.", checkpoint, PRM_STATE_NAME)
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, plus: on an exception or Ctrl-C in a single process, save the last completed step."""
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            if self.args.save_checkpoint_on_error and self.accelerator.num_processes == 1 and self.state.global_step > 0:
+                logger.error(
+                    "Training stopped by an error; saving checkpoint-%d (the last completed step) before re-raising. "
+                    "Resume with train(resume_from_checkpoint=True).",
+                    self.state.global_step,
+                )
+                try:
+                    self._save_checkpoint(self.model, trial=None)
+                except Exception:  # the original error matters more than a failed rescue
+                    logger.exception("Could not write the rescue checkpoint.")
+            raise
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_dataset_columns(dataset, name: str, reward_funcs: list) -> None:
+    """Fail before any work when the dataset lacks ``prompt`` or a column a reward function requires."""
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):
+        for split, part in dataset.items():
+            _check_dataset_columns(part, f"{name}[{split!r}]", reward_funcs)
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:  # e.g. an IterableDataset without known features: checked when the first batch arrives
+        return
+    if "prompt" not in columns:
+        raise ValueError(
+            f"{name} has no 'prompt' column (columns: {columns}). PRIMETrainer needs a 'prompt' column of strings or "
+            "chat messages; rename yours, e.g. dataset.rename_column('question', 'prompt'), or build the dataset "
+            "with prime_trl.data."
+        )
+    for func in reward_funcs:
+        if not callable(func) or isinstance(func, torch.nn.Module):
+            continue
+        for param in inspect.signature(func).parameters.values():
+            required = param.default is inspect.Parameter.empty and param.kind in (
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                inspect.Parameter.KEYWORD_ONLY,
+            )
+            if required and param.name not in _TRL_REWARD_KWARGS and param.name not in columns:
+                raise ValueError(
+                    f"Reward function {get_callable_name(func)!r} needs a dataset column {param.name!r}, but {name} "
+                    f"has columns {columns}. Add the column (or rename an existing one to {param.name!r})."
+                )
+
+
+def _check_rewards(name: str, rewards: Any, num_completions: int) -> list[float | None]:
+    if not isinstance(rewards, (list, tuple)) and not (isinstance(rewards, torch.Tensor) and rewards.dim() == 1):
+        raise RewardFunctionError(
+            f"Reward function {name!r} returned {type(rewards).__name__}; it must return a list with one float "
+            f"(or None) per completion ({num_completions} here)."
+        )
+    rewards = rewards.tolist() if isinstance(rewards, torch.Tensor) else list(rewards)
+    if len(rewards) != num_completions:
+        raise RewardFunctionError(
+            f"Reward function {name!r} returned {len(rewards)} rewards for {num_completions} completions; it must "
+            "return exactly one reward per completion, in order."
+        )
+    bad = [r for r in rewards if r is not None and not isinstance(r, (int, float))]
+    if bad:
+        raise RewardFunctionError(f"Reward function {name!r} returned non-numeric rewards, e.g. {bad[0]!r}.")
+    return rewards
+
+
+def _guard_reward_function(func):
+    """Wrap a reward function so that a crash or a malformed return names the function and what went wrong."""
+    if not callable(func) or isinstance(func, (str, torch.nn.Module)):
+        return func
+    name = get_callable_name(func)
+
+    def explain(error: Exception, kwargs: dict) -> RewardFunctionError:
+        columns = sorted(k for k in kwargs if k not in _TRL_REWARD_KWARGS)
+        return RewardFunctionError(
+            f"Reward function {name!r} raised {type(error).__name__}: {error} (while scoring "
+            f"{len(kwargs.get('completions', []))} completions; dataset columns passed: {columns})."
+        )
+
+    if inspect.iscoroutinefunction(func):
+
+        async def guarded(*args, **kwargs):
+            try:
+                rewards = await func(*args, **kwargs)
+            except RewardFunctionError:
+                raise
+            except Exception as error:
+                raise explain(error, kwargs) from error
+            return _check_rewards(name, rewards, len(kwargs["completions"]))
+
+    else:
+
+        def guarded(*args, **kwargs):
+            try:
+                rewards = func(*args, **kwargs)
+            except RewardFunctionError:
+                raise
+            except Exception as error:
+                raise explain(error, kwargs) from error
+            return _check_rewards(name, rewards, len(kwargs["completions"]))
+
+    functools.update_wrapper(guarded, func)
+    guarded.__name__ = name
+    return guarded

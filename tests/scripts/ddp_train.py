@@ -1,0 +1,62 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (CPU, gloo).
+
+Trains PRIME for a few steps with groups split across the two processes and writes, per rank, the adapters
+before and after training to <out>/rank<r>.pt.
+"""
+
+import os
+import sys
+import zlib
+
+import torch
+
+torch.set_num_threads(1)
+
+from datasets import Dataset  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+
+from prime_trl import PRIMEConfig, PRIMETrainer  # noqa: E402
+
+
+def coin_reward(completions, **kwargs):
+    return [float(zlib.crc32(c.encode()) % 2) for c in completions]
+
+
+def main(model_dir: str, out_dir: str, loss_type: str, update: str) -> None:
+    args = PRIMEConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=6,  # global batch 12 = 3 groups of 4: the middle group straddles the ranks
+        num_generations=4,
+        max_completion_length=10,
+        max_steps=3,
+        learning_rate=0.05,
+        prm_learning_rate=0.05,
+        prm_loss_type=loss_type,
+        prm_update=update,
+        accuracy_filter=False,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=3,
+    )
+    dataset = Dataset.from_list([{"prompt": f"Q{i}="} for i in range(24)])
+    trainer = PRIMETrainer(
+        model_dir,
+        args=args,
+        reward_funcs=coin_reward,
+        train_dataset=dataset,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    )
+    adapters = lambda: {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}  # noqa: E731
+    before = adapters()
+    trainer.train()
+    rank = int(os.environ.get("RANK", 0))
+    world = trainer.accelerator.num_processes
+    torch.save({"before": before, "after": adapters(), "world": world}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])

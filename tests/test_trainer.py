@@ -1,0 +1,256 @@
+"""PRIMETrainer on a tiny local model: what trains, what stays frozen, checkpoints, resume and input errors."""
+
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from prime_trl import PRIMEConfig, PRIMETrainer
+from prime_trl.prm import CompletionBatch
+from prime_trl.trainer import RewardFunctionError
+
+
+def coin_reward(completions, answer, **kwargs):
+    """A deterministic pseudo-random 0/1 verdict per completion, so groups are mixed and advantages non-zero."""
+    return [float(zlib.crc32(c.encode()) % 2) for c in completions]
+
+
+def make_dataset(n=16):
+    return Dataset.from_list([{"prompt": f"Q{i}=", "answer": str(i % 10)} for i in range(n)])
+
+
+def make_args(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=12,
+        max_steps=3,
+        learning_rate=0.05,
+        prm_learning_rate=0.05,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        seed=7,
+        data_seed=7,
+    )
+    settings.update(overrides)
+    return PRIMEConfig(**settings)
+
+
+LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
+
+
+def make_trainer(model_dir, tmp_path, reward=coin_reward, dataset=None, peft=True, **overrides):
+    return PRIMETrainer(
+        model_dir,
+        args=make_args(tmp_path, **overrides),
+        reward_funcs=reward,
+        train_dataset=dataset if dataset is not None else make_dataset(),
+        peft_config=LoraConfig(**LORA) if peft else None,
+    )
+
+
+class StopAtStep(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def snapshot(model):
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def test_policy_and_prm_train_base_stays_frozen(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, accuracy_filter=False)
+    before = snapshot(trainer.model)
+    trainer.train()
+    after = snapshot(trainer.model)
+    policy = [n for n in before if ".default." in n]
+    prm = [n for n in before if ".prm." in n]
+    base = [n for n in before if "lora_" not in n]
+    assert policy and prm and base
+    assert all(not torch.equal(before[n], after[n]) for n in policy), "every policy LoRA tensor should move"
+    assert all(not torch.equal(before[n], after[n]) for n in prm), "every PRM LoRA tensor should move"
+    assert all(torch.equal(before[n], after[n]) for n in base), "the shared base must stay frozen"
+
+    # The two optimizers hold disjoint parameter sets: the policy's and the PRM's adapter.
+    policy_ids = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    prm_ids = {id(p) for g in trainer.prm.optimizer.param_groups for p in g["params"]}
+    named = dict(trainer.model.named_parameters())
+    assert policy_ids == {id(named[n]) for n in policy}
+    assert prm_ids == {id(named[n]) for n in prm}
+
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    for key in ("prm/loss", "prm/accuracy", "prm/update_time", "filter/pass_rate", "process_reward/std"):
+        assert key in logged
+
+
+def test_frozen_zero_prm_gives_exactly_outcome_rloo(tiny_model_dir, tmp_path):
+    """At step 0 PRM == reference: PRIME's advantages are outcome-only RLOO's, bit for bit."""
+    prime = make_trainer(tiny_model_dir, tmp_path, prm_update="none")
+    rloo = make_trainer(tiny_model_dir, tmp_path, prm_update="none", process_reward_coef=0.0)
+    gen = torch.Generator().manual_seed(0)
+    batch = CompletionBatch(
+        prompt_ids=torch.randint(3, 200, (8, 5), generator=gen),
+        prompt_mask=torch.ones(8, 5, dtype=torch.long),
+        completion_ids=torch.randint(3, 200, (8, 7), generator=gen),
+        completion_mask=(torch.arange(7) < torch.randint(1, 8, (8, 1), generator=gen)).long(),
+    )
+    rewards = torch.tensor([[1.0], [0], [0], [1], [1], [1], [0], [1]])
+    prime.model.train()
+    rloo.model.train()
+    adv_prime = prime._prime_advantages(batch, rewards, "train")
+    adv_rloo = rloo._prime_advantages(batch, rewards, "train")
+    assert adv_prime.abs().sum() > 0
+    assert torch.equal(adv_prime, adv_rloo)
+
+
+def test_full_finetune_policy_puts_prm_on_one_frozen_copy(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, peft=False, accuracy_filter=False, max_steps=2)
+    host = trainer.prm.model
+    assert host is not trainer.model and isinstance(host, PeftModel)
+    policy_before, host_before = snapshot(trainer.model), snapshot(host)
+    trainer.train()
+    policy_after, host_after = snapshot(trainer.model), snapshot(host)
+    assert any(not torch.equal(policy_before[n], policy_after[n]) for n in policy_before)
+    prm_names = [n for n in host_before if ".prm." in n]
+    assert prm_names and all(not torch.equal(host_before[n], host_after[n]) for n in prm_names)
+    assert all(torch.equal(host_before[n], host_after[n]) for n in host_before if ".prm." not in n)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(gradient_accumulation_steps=2, steps_per_generation=2, num_iterations=2, max_steps=2),
+        dict(prm_update="double", prm_loss_type="dpo", prm_num_mini_batches=2, max_steps=2),
+        dict(advantage_estimator="grpo", max_steps=1),
+        dict(advantage_estimator="reinforce", max_steps=1, beta=0.04),
+    ],
+    ids=["ga-spg-iterations", "double-dpo-minibatches", "grpo", "reinforce-kl"],
+)
+def test_variants_update_prm_once_per_generation(tiny_model_dir, tmp_path, overrides):
+    trainer = make_trainer(tiny_model_dir, tmp_path, accuracy_filter=False, **overrides)
+    trainer.train()
+    args = trainer.args
+    generations = trainer.state.global_step * args.gradient_accumulation_steps // (
+        args.steps_per_generation * args.num_iterations
+    )
+    steps = {int(state["step"]) for state in trainer.prm.optimizer.state.values()}
+    assert steps == {generations * args.prm_num_mini_batches}
+
+
+def test_save_model_writes_both_adapters_loadable_by_peft(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, accuracy_filter=False, max_steps=1)
+    trainer.train()
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    assert (out / "adapter_config.json").is_file() and (out / "prm" / "adapter_config.json").is_file()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out))
+    loaded.load_adapter(str(out / "prm"), adapter_name="prm")
+    trained = dict(trainer.model.named_parameters())
+    for name, param in loaded.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(param, trained[name], rtol=0, atol=0)
+
+
+def test_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
+    """4 steps straight == 2 steps, checkpoint, new trainer, resume, 2 more steps (both adapters, PRM optimizer)."""
+    common = dict(accuracy_filter=False, max_steps=4, save_strategy="steps", save_steps=2)
+    straight = make_trainer(tiny_model_dir, tmp_path / "a", **common)
+    straight.train()
+
+    first = make_trainer(tiny_model_dir, tmp_path / "b", **common)
+    first.add_callback(StopAtStep(2))  # as if interrupted right after the checkpoint at step 2
+    first.train()
+    checkpoint = Path(first.args.output_dir) / "checkpoint-2"
+    assert (checkpoint / "prm" / "adapter_model.safetensors").is_file()
+    assert (checkpoint / "prm_optimizer.pt").is_file()
+
+    resumed = make_trainer(tiny_model_dir, tmp_path / "b", **common)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    expected, actual = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
+    adapters = [n for n in expected if "lora_" in n]
+    assert any(".prm." in n for n in adapters)
+    for name in adapters:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
+# ----- bad input fails early, with the field and the fix in the message -------------------------------------
+
+
+def test_dataset_without_prompt_column(tiny_model_dir, tmp_path):
+    data = Dataset.from_list([{"question": "1+1=", "answer": "2"}] * 8)
+    with pytest.raises(ValueError, match="no 'prompt' column.*rename_column"):
+        make_trainer(tiny_model_dir, tmp_path, dataset=data)
+
+
+def test_reward_function_needs_missing_column(tiny_model_dir, tmp_path):
+    data = Dataset.from_list([{"prompt": "1+1="}] * 8)
+    with pytest.raises(ValueError, match="needs a dataset column 'answer'"):
+        make_trainer(tiny_model_dir, tmp_path, dataset=data)
+
+
+def test_reward_function_wrong_length(tiny_model_dir, tmp_path):
+    def short_reward(completions, **kwargs):
+        return [1.0] * (len(completions) - 1)
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, reward=short_reward, max_steps=1)
+    with pytest.raises(RewardFunctionError, match="'short_reward' returned 7 rewards for 8 completions"):
+        trainer.train()
+
+
+def test_reward_function_raising_names_itself_and_rescue_checkpoint(tiny_model_dir, tmp_path):
+    calls = []
+
+    def flaky_reward(completions, answer, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyError("boom")
+        return coin_reward(completions, answer)
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, reward=flaky_reward, max_steps=5, accuracy_filter=False)
+    with pytest.raises(RewardFunctionError, match="'flaky_reward' raised KeyError"):
+        trainer.train()
+    rescue = Path(trainer.args.output_dir) / "checkpoint-2"
+    assert (rescue / "adapter_model.safetensors").is_file()
+    assert (rescue / "prm" / "adapter_model.safetensors").is_file()
+    assert (rescue / "prm_optimizer.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(prm_adapter_name="ref"), "prm_adapter_name='ref' is reserved"),
+        (dict(prm_adapter_name="default"), "prm_adapter_name='default' is reserved"),
+        (dict(num_generations=1, per_device_train_batch_size=2), "needs at least 2 completions"),
+        (dict(prm_update="sometimes"), "prm_update='sometimes' is not supported"),
+        (dict(accuracy_lower_bound=0.9, accuracy_upper_bound=0.1), "accuracy_lower_bound"),
+        (dict(prime_beta=0.0), "prime_beta"),
+    ],
+)
+def test_config_rejects_bad_combinations(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)
+
+
+def test_unknown_verifier_name(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="verifier='math' is not one of the reward functions"):
+        make_trainer(tiny_model_dir, tmp_path, verifier="math")
+
+
+def test_args_must_be_prime_config(tiny_model_dir):
+    from trl import GRPOConfig
+
+    with pytest.raises(TypeError, match="PRIMEConfig"):
+        PRIMETrainer(tiny_model_dir, args=GRPOConfig(output_dir="x", use_cpu=True, bf16=False), reward_funcs=coin_reward)
