@@ -53,7 +53,7 @@ def gather_rows(tensor: torch.Tensor, pad_value: float = 0) -> torch.Tensor:
     padded = torch.cat([padded, padded.new_full((max_rows - tensor.shape[0], *padded.shape[1:]), pad_value)])
     pieces = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(pieces, padded.contiguous())
-    return torch.cat([piece[: int(size[0])] for piece, size in zip(pieces, all_sizes)])
+    return torch.cat([piece[: int(size[0])] for piece, size in zip(pieces, all_sizes, strict=True)])
 
 
 def all_reduce_gradients(parameters: list[torch.nn.Parameter]) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from trl.trainer.utils import use_adapter
 
@@ -165,7 +165,8 @@ def add_prm_adapter(
         check_lora_config(config, "PRM")
         if config.lora_dropout:
             logger.warning(
-                "The PRM LoraConfig has lora_dropout=%s; implicit rewards will be noisy. PRIME uses 0.", config.lora_dropout
+                "The PRM LoraConfig has lora_dropout=%s; implicit rewards will be noisy. PRIME uses 0.",
+                config.lora_dropout,
             )
         model.add_adapter(adapter_name, config)
     freeze_adapter(model, adapter_name)
@@ -179,7 +180,9 @@ def save_adapter(model: PeftModel, adapter_name: str, directory: str | Path) -> 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "adapter_model.safetensors"))
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "adapter_model.safetensors")
+    )
     config = copy.deepcopy(model.peft_config[adapter_name])
     config.inference_mode = True
     config.save_pretrained(str(directory))
@@ -333,7 +336,7 @@ class ImplicitPRM:
         global_rows = distributed.all_reduce_sum(torch.tensor([len(m) for m in mini_batches], device=device).float())
         params = self.parameters()
         prm_parts, ref_parts, losses, grad_norms = [], [], [], []
-        for mini_rows, mini_size in zip(mini_batches, global_rows.tolist()):
+        for mini_rows, mini_size in zip(mini_batches, global_rows.tolist(), strict=True):
             if mini_size == 0:
                 continue
             mini_loss = torch.zeros((), device=device)

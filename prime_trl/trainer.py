@@ -26,14 +26,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, get_callable_name
 
-from . import core, distributed
+from .algorithm import PRIMESettings, prime_advantages
 from .config import PRIMEConfig
 from .prm import (
     CompletionBatch,
     ImplicitPRM,
-    PRMOutput,
-    add_prm_adapter,
     adapter_parameters,
+    add_prm_adapter,
     check_lora_config,
     default_prm_lora_config,
     load_adapter_weights,
@@ -45,7 +44,15 @@ logger = logging.getLogger(__name__)
 PRM_DIR_NAME = "prm"
 PRM_STATE_NAME = "prm_optimizer.pt"
 # Keyword arguments TRL itself passes to every reward function (the rest are dataset columns).
-_TRL_REWARD_KWARGS = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric", "environments"}
+_TRL_REWARD_KWARGS = {
+    "prompts",
+    "completions",
+    "completion_ids",
+    "trainer_state",
+    "log_extra",
+    "log_metric",
+    "environments",
+}
 
 
 class RewardFunctionError(RuntimeError):
@@ -155,6 +162,7 @@ class PRIMETrainer(GRPOTrainer):
             peft_config=peft_config,
         )
         self.verifier_index = self._resolve_verifier(args.verifier)
+        self.prime_settings = PRIMESettings.from_config(args)
         self.prm = self._build_prm(prm if prm is not None else args.prm_name_or_path)
         self._rewards_per_func: torch.Tensor | None = None
 
@@ -221,7 +229,11 @@ class PRIMETrainer(GRPOTrainer):
             config = LoraConfig.from_pretrained(str(prm))
             config.inference_mode = False
         else:
-            config = prm if prm is not None else default_prm_lora_config(None, self.args.prm_lora_r, self.args.prm_lora_alpha)
+            config = (
+                prm
+                if prm is not None
+                else default_prm_lora_config(None, self.args.prm_lora_r, self.args.prm_lora_alpha)
+            )
         check_lora_config(config, "PRM")
         host = get_peft_model(base, config, adapter_name=name)
         if isinstance(prm, (str, os.PathLike)):
@@ -237,7 +249,9 @@ class PRIMETrainer(GRPOTrainer):
         if self.prm.optimizer is None:
             args = self.args
             generations = math.ceil(
-                num_training_steps * args.gradient_accumulation_steps / (args.steps_per_generation * self.num_iterations)
+                num_training_steps
+                * args.gradient_accumulation_steps
+                / (args.steps_per_generation * self.num_iterations)
             )
             self.prm.create_optimizer(
                 args.prm_learning_rate,
@@ -281,106 +295,14 @@ class PRIMETrainer(GRPOTrainer):
 
     def _prime_advantages(self, batch: CompletionBatch, rewards_per_func: torch.Tensor, mode: str) -> torch.Tensor:
         """Per-token advantages ``[B_local, T_local]`` for this process's rows (PRIME_SPEC.md section 2, 3-6)."""
-        args = self.args
-        device = batch.completion_ids.device
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        num_local = len(batch)
-        local_rows = slice(self.accelerator.process_index * num_local, (self.accelerator.process_index + 1) * num_local)
-
-        # Outcome labels for the PRM come from the verifier; the outcome reward is TRL's weighted sum.
+        # The verifier's scores label the PRM; the outcome reward is TRL's weighted sum of all reward functions.
         labels = torch.nan_to_num(rewards_per_func[:, self.verifier_index], nan=0.0).clamp(0.0, 1.0)
-        outcome = (rewards_per_func * self.reward_weights.to(device)).nansum(dim=1)
-
-        # Accuracy filter (step 3): whole groups in or out; filtered rows train neither PRM nor policy.
-        if args.accuracy_filter and mode == "train":
-            kept_groups = core.accuracy_filter(labels, group_size, args.accuracy_lower_bound, args.accuracy_upper_bound)
-        else:
-            kept_groups = torch.ones(labels.shape[0] // group_size, dtype=torch.bool, device=device)
-        kept_rows = kept_groups.repeat_interleave(group_size)
-        self._metrics[mode]["filter/pass_rate"].append(kept_groups.float().mean().item())
-
-        # Reference + PRM log-probs and the online PRM update (steps 4-5), on this process's kept rows.
-        token_rewards = torch.zeros(batch.completion_mask.shape, dtype=torch.float32, device=device)
-        if args.process_reward_coef > 0 or args.prm_update != "none":
-            local_kept = torch.nonzero(kept_rows[local_rows]).squeeze(-1)
-            kept_batch = batch.select(local_kept)
-            if mode == "train":
-                global_index = local_kept + local_rows.start
-                prm_out = self.prm.score_and_update(
-                    kept_batch, labels[global_index], group_ids=global_index // group_size
-                )
-            else:
-                prm_out = self.prm.score(kept_batch)
-            token_rewards[local_kept] = core.implicit_token_rewards(
-                prm_out.prm_logps, prm_out.ref_logps, kept_batch.completion_mask.float(), args.prime_beta
-            )
-            self._log_prm_update(prm_out, mode)
-
-        # Steps 6: gather everything so groups split over processes and whitening see the whole batch.
-        all_rewards = distributed.gather_rows(token_rewards)
-        mask = distributed.gather_rows(batch.completion_mask.float()) * kept_rows.unsqueeze(-1)
-        self._log_reward_stats(all_rewards, mask, labels, kept_rows, group_size, mode)
-        if mask.sum() == 0:  # every group filtered out: nothing to learn from this batch
-            return torch.zeros_like(token_rewards)
-        if args.process_reward_norm == "batch":
-            process_rewards = core.normalize_process_rewards(all_rewards, mask)
-        else:
-            process_rewards = all_rewards * mask
-        advantages = self._estimate_advantages(process_rewards, outcome, mask, group_size)
-        return advantages[local_rows, : batch.completion_mask.shape[1]]
-
-    def _estimate_advantages(
-        self, process_rewards: torch.Tensor, outcome: torch.Tensor, mask: torch.Tensor, group_size: int
-    ) -> torch.Tensor:
-        args = self.args
-        common = dict(
-            process_coef=args.process_reward_coef,
-            outcome_coef=args.outcome_reward_coef,
-            gamma=args.gamma,
-            whiten=args.whiten_advantages,
-        )
-        if args.advantage_estimator == "rloo":
-            return core.rloo_advantages(process_rewards, outcome, mask, group_size, **common)
-        if args.advantage_estimator == "grpo":
-            return core.grpo_prime_advantages(process_rewards, outcome, mask, group_size, **common)
-        return core.reinforce_prime_advantages(process_rewards, outcome, mask, **common)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Metrics
-    # ------------------------------------------------------------------------------------------------------------
-
-    def _log_prm_update(self, prm_out: PRMOutput, mode: str) -> None:
-        metrics = self._metrics[mode]
-        if prm_out.loss is not None:
-            metrics["prm/loss"].append(prm_out.loss)
-            metrics["prm/grad_norm"].append(prm_out.grad_norm)
-            metrics["prm/update_time"].append(prm_out.update_seconds)
-            metrics["prm/learning_rate"].append(self.prm.scheduler.get_last_lr()[0])
-
-    def _log_reward_stats(
-        self,
-        token_rewards: torch.Tensor,
-        mask: torch.Tensor,
-        labels: torch.Tensor,
-        kept_rows: torch.Tensor,
-        group_size: int,
-        mode: str,
-    ) -> None:
-        """Implicit-reward statistics over the kept rows of the global batch (PRM accuracy as in Fig. 5)."""
-        metrics = self._metrics[mode]
-        if not kept_rows.any():
-            return
-        seq_rewards = token_rewards.sum(-1)
-        metrics["prm/accuracy"].append(core.prm_pairwise_accuracy(seq_rewards[kept_rows], labels[kept_rows], group_size))
-        for name, rows in (("correct", kept_rows & (labels >= 0.5)), ("wrong", kept_rows & (labels < 0.5))):
-            if rows.any():
-                metrics[f"prm/seq_reward_{name}/mean"].append(seq_rewards[rows].mean().item())
-                metrics[f"prm/seq_reward_{name}/std"].append(seq_rewards[rows].std(unbiased=False).item())
-        valid = token_rewards[mask.bool()]
-        if valid.numel():
-            metrics["process_reward/mean"].append(valid.mean().item())
-            metrics["process_reward/std"].append(valid.std(unbiased=False).item())
-            metrics["process_reward/abs_max"].append(valid.abs().max().item())
+        outcome = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        step = prime_advantages(self.prm, batch, labels, outcome, self.prime_settings, group_size, mode == "train")
+        for name, value in step.metrics.items():
+            self._metrics[mode][name].append(value)
+        return step.advantages
 
     # ------------------------------------------------------------------------------------------------------------
     # Checkpoints: policy adapter at the root (TRL), PRM adapter in prm/, PRM optimizer + scheduler beside it
@@ -394,7 +316,9 @@ class PRIMETrainer(GRPOTrainer):
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         if self.args.should_save and self.prm.optimizer is not None:
-            checkpoint_dir = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            checkpoint_dir = (
+                Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
             torch.save(self.prm.state_dict(), checkpoint_dir / PRM_STATE_NAME)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -409,14 +333,20 @@ class PRIMETrainer(GRPOTrainer):
         if state_path.is_file():
             self.prm.load_state_dict(torch.load(state_path, map_location=self.accelerator.device, weights_only=True))
         else:
-            logger.warning("Checkpoint %s has no %s; the PRM optimizer restarts from scratch.", checkpoint, PRM_STATE_NAME)
+            logger.warning(
+                "Checkpoint %s has no %s; the PRM optimizer restarts from scratch.", checkpoint, PRM_STATE_NAME
+            )
 
     def train(self, *args, **kwargs):
         """`Trainer.train`, plus: on an exception or Ctrl-C in a single process, save the last completed step."""
         try:
             return super().train(*args, **kwargs)
         except BaseException:
-            if self.args.save_checkpoint_on_error and self.accelerator.num_processes == 1 and self.state.global_step > 0:
+            if (
+                self.args.save_checkpoint_on_error
+                and self.accelerator.num_processes == 1
+                and self.state.global_step > 0
+            ):
                 logger.error(
                     "Training stopped by an error; saving checkpoint-%d (the last completed step) before re-raising. "
                     "Resume with train(resume_from_checkpoint=True).",

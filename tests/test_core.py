@@ -85,8 +85,9 @@ def test_rloo_process_hand_computed():
     adv = core.rloo_advantages(process, t([0.0, 0.0]), mask, group_size=2, whiten=False)
     torch.testing.assert_close(adv, t([[-0.6, -0.1, 0.0], [0.3, 0.0, 0.0]]))
     # gamma = 0.5: row 0 t=0 -> -0.5 + 0.5 * -0.1 = -0.55; coefficients scale each source.
-    discounted = core.rloo_advantages(process, t([1.0, 0.0]), mask, 2, process_coef=2.0, outcome_coef=3.0,
-                                      gamma=0.5, whiten=False)
+    discounted = core.rloo_advantages(
+        process, t([1.0, 0.0]), mask, 2, process_coef=2.0, outcome_coef=3.0, gamma=0.5, whiten=False
+    )
     # outcome LOO: row 0 +1 at t=1 -> [0.5, 1]; row 1 -1 at t=0 -> [-1]
     torch.testing.assert_close(discounted, t([[2 * -0.55 + 3 * 0.5, 2 * -0.1 + 3 * 1.0, 0.0], [2 * 0.3 - 3.0, 0, 0]]))
 
@@ -168,7 +169,10 @@ def test_prime_reduces_to_outcome_rloo_at_step_zero(seed):
     """With PRM == reference, every implicit reward is 0 and PRIME's advantages are outcome-only RLOO's."""
     gen = torch.Generator().manual_seed(seed)
     group_size = int(torch.randint(2, 6, (1,), generator=gen))
-    rows, width = group_size * int(torch.randint(1, 5, (1,), generator=gen)), int(torch.randint(1, 12, (1,), generator=gen))
+    rows, width = (
+        group_size * int(torch.randint(1, 5, (1,), generator=gen)),
+        int(torch.randint(1, 12, (1,), generator=gen)),
+    )
     lengths = torch.randint(1, width + 1, (rows, 1), generator=gen)
     mask = (torch.arange(width) < lengths).float()
     scores = torch.randint(0, 2, (rows,), generator=gen).float()

@@ -15,8 +15,19 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 @pytest.mark.parametrize("loss_type, update", [("ce", "single"), ("dpo", "double")])
 def test_two_process_training_keeps_adapters_identical(tiny_model_dir, tmp_path, loss_type, update):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(SCRIPT), tiny_model_dir, str(tmp_path), loss_type, update]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+        tiny_model_dir,
+        str(tmp_path),
+        loss_type,
+        update,
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
 

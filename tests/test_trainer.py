@@ -143,8 +143,10 @@ def test_variants_update_prm_once_per_generation(tiny_model_dir, tmp_path, overr
     trainer = make_trainer(tiny_model_dir, tmp_path, accuracy_filter=False, **overrides)
     trainer.train()
     args = trainer.args
-    generations = trainer.state.global_step * args.gradient_accumulation_steps // (
-        args.steps_per_generation * args.num_iterations
+    generations = (
+        trainer.state.global_step
+        * args.gradient_accumulation_steps
+        // (args.steps_per_generation * args.num_iterations)
     )
     steps = {int(state["step"]) for state in trainer.prm.optimizer.state.values()}
     assert steps == {generations * args.prm_num_mini_batches}
@@ -253,4 +255,6 @@ def test_args_must_be_prime_config(tiny_model_dir):
     from trl import GRPOConfig
 
     with pytest.raises(TypeError, match="PRIMEConfig"):
-        PRIMETrainer(tiny_model_dir, args=GRPOConfig(output_dir="x", use_cpu=True, bf16=False), reward_funcs=coin_reward)
+        PRIMETrainer(
+            tiny_model_dir, args=GRPOConfig(output_dir="x", use_cpu=True, bf16=False), reward_funcs=coin_reward
+        )

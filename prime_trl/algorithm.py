@@ -1,0 +1,168 @@
+"""One PRIME scoring step, independent of the training framework.
+
+Given a batch of completions, their verifier labels and outcome rewards, this runs steps 3-6 of
+PRIME_SPEC.md section 2: accuracy filter, reference + PRM log-probs with the online PRM update, implicit token
+rewards, normalisation and per-token advantages. `PRIMETrainer` (TRL) and `PRIMEModule` (Lightning) both call
+`prime_advantages`, so the two paths compute the same tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from . import core, distributed
+from .prm import CompletionBatch, ImplicitPRM, PRMOutput
+
+
+@dataclass
+class PRIMESettings:
+    """The algorithm's knobs: a subset of `PRIMEConfig` with the same names and defaults (see its help texts)."""
+
+    prime_beta: float = 0.05
+    prm_update: str = "single"
+    process_reward_coef: float = 1.0
+    outcome_reward_coef: float = 1.0
+    process_reward_norm: str = "batch"
+    advantage_estimator: str = "rloo"
+    gamma: float = 1.0
+    whiten_advantages: bool = True
+    accuracy_filter: bool = True
+    accuracy_lower_bound: float = 0.2
+    accuracy_upper_bound: float = 0.8
+
+    @classmethod
+    def from_config(cls, config) -> PRIMESettings:
+        """Pick the same-named fields from a `PRIMEConfig` (or any object that has them)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+    @property
+    def uses_prm(self) -> bool:
+        """Outcome-only RLOO (process_reward_coef=0 with a frozen PRM) needs no PRM forward at all."""
+        return self.process_reward_coef > 0 or self.prm_update != "none"
+
+
+@dataclass
+class PRIMEStep:
+    advantages: torch.Tensor  # [B_local, T_local] for this process's rows
+    token_rewards: torch.Tensor  # [B_local, T_local] implicit rewards before normalisation (0 on filtered rows)
+    metrics: dict[str, float]
+
+
+def prime_advantages(
+    prm: ImplicitPRM | None,
+    batch: CompletionBatch,
+    labels: torch.Tensor,
+    outcome: torch.Tensor,
+    settings: PRIMESettings,
+    group_size: int,
+    train: bool = True,
+) -> PRIMEStep:
+    """PRIME's advantages for this process's rows, updating the PRM when ``train``.
+
+    Args:
+        prm: the implicit PRM (may be ``None`` only when ``settings.uses_prm`` is false).
+        batch: this process's ``B_local`` rows; process ``p`` holds global rows ``p*B_local .. (p+1)*B_local-1``.
+        labels: ``[B_global]`` verifier scores in ``[0, 1]`` of every process's rows (PRM labels, filter input).
+        outcome: ``[B_global]`` outcome rewards for the advantages.
+        settings: the algorithm's knobs.
+        group_size: ``K``; rows of a group are contiguous in the global order.
+        train: update the PRM and apply the accuracy filter (evaluation does neither).
+
+    Every process must call this together.
+    """
+    device = batch.completion_ids.device
+    num_local = len(batch)
+    local_rows = slice(distributed.rank() * num_local, (distributed.rank() + 1) * num_local)
+    metrics: dict[str, float] = {}
+
+    # Step 3, accuracy filter: whole groups in or out; filtered rows train neither the PRM nor the policy.
+    if settings.accuracy_filter and train:
+        kept_groups = core.accuracy_filter(
+            labels, group_size, settings.accuracy_lower_bound, settings.accuracy_upper_bound
+        )
+    else:
+        kept_groups = torch.ones(labels.shape[0] // group_size, dtype=torch.bool, device=device)
+    kept_rows = kept_groups.repeat_interleave(group_size)
+    metrics["filter/pass_rate"] = kept_groups.float().mean().item()
+
+    # Steps 4-5: reference and PRM log-probs, and the online PRM update, on this process's kept rows.
+    token_rewards = torch.zeros(batch.completion_mask.shape, dtype=torch.float32, device=device)
+    if settings.uses_prm:
+        local_kept = torch.nonzero(kept_rows[local_rows]).squeeze(-1)
+        kept_batch = batch.select(local_kept)
+        if train:
+            global_index = local_kept + local_rows.start
+            prm_out = prm.score_and_update(kept_batch, labels[global_index], group_ids=global_index // group_size)
+        else:
+            prm_out = prm.score(kept_batch)
+        token_rewards[local_kept] = core.implicit_token_rewards(
+            prm_out.prm_logps, prm_out.ref_logps, kept_batch.completion_mask.float(), settings.prime_beta
+        )
+        metrics.update(_prm_update_metrics(prm, prm_out))
+
+    # Step 6 on the global batch, so that groups split over processes and the whitening see every row.
+    all_rewards = distributed.gather_rows(token_rewards)
+    mask = distributed.gather_rows(batch.completion_mask.float()) * kept_rows.unsqueeze(-1)
+    metrics.update(_reward_metrics(all_rewards, mask, labels, kept_rows, group_size))
+    if mask.sum() == 0:  # every group filtered out: nothing to learn from this batch
+        return PRIMEStep(torch.zeros_like(token_rewards), token_rewards, metrics)
+    if settings.process_reward_norm == "batch":
+        process_rewards = core.normalize_process_rewards(all_rewards, mask)
+    else:
+        process_rewards = all_rewards * mask
+    advantages = estimate_advantages(process_rewards, outcome, mask, group_size, settings)
+    return PRIMEStep(advantages[local_rows, : batch.completion_mask.shape[1]], token_rewards, metrics)
+
+
+def estimate_advantages(
+    process_rewards: torch.Tensor,
+    outcome: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    settings: PRIMESettings,
+) -> torch.Tensor:
+    """Dispatch to the advantage estimator chosen by ``settings.advantage_estimator``; returns ``[B, T]``."""
+    common = dict(
+        process_coef=settings.process_reward_coef,
+        outcome_coef=settings.outcome_reward_coef,
+        gamma=settings.gamma,
+        whiten=settings.whiten_advantages,
+    )
+    if settings.advantage_estimator == "rloo":
+        return core.rloo_advantages(process_rewards, outcome, mask, group_size, **common)
+    if settings.advantage_estimator == "grpo":
+        return core.grpo_prime_advantages(process_rewards, outcome, mask, group_size, **common)
+    return core.reinforce_prime_advantages(process_rewards, outcome, mask, **common)
+
+
+def _prm_update_metrics(prm: ImplicitPRM, prm_out: PRMOutput) -> dict[str, float]:
+    if prm_out.loss is None:
+        return {}
+    return {
+        "prm/loss": prm_out.loss,
+        "prm/grad_norm": prm_out.grad_norm,
+        "prm/update_time": prm_out.update_seconds,
+        "prm/learning_rate": prm.scheduler.get_last_lr()[0],
+    }
+
+
+def _reward_metrics(
+    token_rewards: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, kept_rows: torch.Tensor, group_size: int
+) -> dict[str, float]:
+    """Implicit-reward statistics over the kept rows of the global batch (PRM accuracy as in the paper's Fig. 5)."""
+    if not kept_rows.any():
+        return {}
+    seq_rewards = token_rewards.sum(-1)
+    metrics = {"prm/accuracy": core.prm_pairwise_accuracy(seq_rewards[kept_rows], labels[kept_rows], group_size)}
+    for name, rows in (("correct", kept_rows & (labels >= 0.5)), ("wrong", kept_rows & (labels < 0.5))):
+        if rows.any():
+            metrics[f"prm/seq_reward_{name}/mean"] = seq_rewards[rows].mean().item()
+            metrics[f"prm/seq_reward_{name}/std"] = seq_rewards[rows].std(unbiased=False).item()
+    valid = token_rewards[mask.bool()]
+    if valid.numel():
+        metrics["process_reward/mean"] = valid.mean().item()
+        metrics["process_reward/std"] = valid.std(unbiased=False).item()
+        metrics["process_reward/abs_max"] = valid.abs().max().item()
+    return metrics
