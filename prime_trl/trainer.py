@@ -38,6 +38,7 @@ from .prm import (
     load_adapter_weights,
     save_adapter,
 )
+from .quantization import protect_4bit_base
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class PRIMETrainer(GRPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        protect_4bit_base(self.model)  # QLoRA on CPU: eval-mode forwards must not repack the base (see module)
         self.verifier_index = self._resolve_verifier(args.verifier)
         self.prime_settings = PRIMESettings.from_config(args)
         self.prm = self._build_prm(prm if prm is not None else args.prm_name_or_path)
