@@ -146,6 +146,15 @@ class PRIMEConfig(GRPOConfig):
     )
     accuracy_lower_bound: float = field(default=0.2, metadata={"help": "Lower bound (inclusive) of the filter."})
     accuracy_upper_bound: float = field(default=0.8, metadata={"help": "Upper bound (inclusive) of the filter."})
+    vllm_sync_mode: str = field(
+        default="auto",
+        metadata={
+            "help": "How the policy reaches vLLM (use_vllm=True): 'merge' (TRL: merge the policy adapter into the base "
+            "and push full weights), 'lora' (push the policy adapter as a vLLM LoRA adapter; colocate mode only; "
+            "required for 4-bit bases, where merging loses the update), or 'auto' (lora on a quantized base, "
+            "else merge). The PRM adapter never reaches vLLM."
+        },
+    )
     save_checkpoint_on_error: bool = field(
         default=True,
         metadata={
@@ -174,6 +183,7 @@ class PRIMEConfig(GRPOConfig):
         one_of("prm_loss_type", PRM_LOSS_TYPES)
         one_of("process_reward_norm", PROCESS_REWARD_NORMS)
         one_of("advantage_estimator", ADVANTAGE_ESTIMATORS)
+        one_of("vllm_sync_mode", ("auto", "merge", "lora"))
         if self.prime_beta <= 0:
             raise ValueError(f"prime_beta={self.prime_beta} must be > 0 (PRIME uses 0.05).")
         if self.num_generations is not None and self.num_generations < 2 and self.advantage_estimator != "reinforce":

@@ -99,6 +99,11 @@ def check_lora_config(config: LoraConfig, role: str) -> None:
             "reference is the base with adapters disabled, so it would no longer be the starting model. Use "
             "init_lora_weights=True (or 'gaussian')."
         )
+    if role == "PRM" and config.modules_to_save:
+        raise ValueError(
+            f"The PRM adapter sets modules_to_save={config.modules_to_save}; TRL streams such module copies to vLLM "
+            "along with the policy. Give the PRM LoRA layers only (modules_to_save=None)."
+        )
     targets = config.target_modules
     names = [targets] if isinstance(targets, str) else list(targets or [])
     if "lm_head" in names or "lm_head" in (config.modules_to_save or []):
@@ -119,6 +124,7 @@ def default_prm_lora_config(
         config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     config.lora_dropout = 0.0
     config.init_lora_weights = True
+    config.modules_to_save = None  # full module copies would be streamed to vLLM with the policy (see check)
     config.inference_mode = False
     if r is not None:
         config.r = r

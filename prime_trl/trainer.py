@@ -16,6 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ from .prm import (
     load_adapter_weights,
     save_adapter,
 )
-from .quantization import protect_4bit_base
+from .quantization import is_quantized, protect_4bit_base
+from .vllm_sync import LoRAAdapterSync, engine_with_lora, guard_merge_sync, resolve_sync_mode
 
 logger = logging.getLogger(__name__)
 
@@ -149,19 +151,27 @@ class PRIMETrainer(GRPOTrainer):
                 )
             check_lora_config(model.peft_config["default"], "policy")
 
-        super().__init__(
-            model=model,
-            reward_funcs=[_guard_reward_function(func) for func in reward_funcs],
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        quantized = quantization_config is not None or (not isinstance(model, str) and is_quantized(model))
+        sync_mode = resolve_sync_mode(args.vllm_sync_mode, quantized, args.vllm_mode) if args.use_vllm else None
+        policy_lora = peft_config or (model.peft_config["default"] if isinstance(model, PeftModel) else None)
+        if sync_mode == "lora" and policy_lora is None:
+            raise ValueError("vllm_sync_mode='lora' pushes the policy's LoRA adapter, so the policy must be LoRA.")
+        vllm_engine = engine_with_lora(policy_lora.r) if sync_mode == "lora" else nullcontext()
+        with vllm_engine:
+            super().__init__(
+                model=model,
+                reward_funcs=[_guard_reward_function(func) for func in reward_funcs],
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                reward_processing_classes=reward_processing_classes,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        self._install_vllm_sync(sync_mode)
         protect_4bit_base(self.model)  # QLoRA on CPU: eval-mode forwards must not repack the base (see module)
         self.verifier_index = self._resolve_verifier(args.verifier)
         self.prime_settings = PRIMESettings.from_config(args)
@@ -244,6 +254,15 @@ class PRIMETrainer(GRPOTrainer):
             host.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
             host.enable_input_require_grads()
         return host
+
+    def _install_vllm_sync(self, sync_mode: str | None) -> None:
+        """The policy adapter, and only it, reaches vLLM (see prime_trl.vllm_sync)."""
+        if sync_mode == "merge" and isinstance(self.model, PeftModel):
+            guard_merge_sync(self.vllm_generation, self.model)
+        elif sync_mode == "lora":
+            LoRAAdapterSync(self.model, Path(self.args.output_dir) / "vllm_policy_adapter").install(
+                self.vllm_generation
+            )
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The policy's scheduler (TRL), then the PRM's own optimizer and scheduler, sized to the same run."""
