@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 
 def is_distributed() -> bool:
@@ -56,13 +57,25 @@ def gather_rows(tensor: torch.Tensor, pad_value: float = 0) -> torch.Tensor:
     return torch.cat([piece[: int(size[0])] for piece, size in zip(pieces, all_sizes, strict=True)])
 
 
+def is_sharded(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a shard of a parameter split over processes (FSDP2 DTensor or DeepSpeed ZeRO-3)."""
+    return isinstance(param, DTensor) or hasattr(param, "ds_id")
+
+
 def all_reduce_gradients(parameters: list[torch.nn.Parameter]) -> None:
     """Sum the gradients of ``parameters`` over processes (missing gradients count as zeros).
 
-    Used for the PRM adapter, which the data-parallel wrapper does not know about (it was frozen when the wrapper
-    was built), so its gradients are not synchronised by DDP itself.
+    Used for the PRM adapter. With replicated parameters (DDP) the data-parallel wrapper does not know about it
+    (it was frozen when the wrapper was built), so its gradients are summed here. With FSDP2-sharded parameters
+    FSDP has already reduce-scattered them as a mean over processes; scaling by the world size turns that mean
+    into the sum the PRM loss weights expect.
     """
     if not is_distributed():
+        return
+    if any(isinstance(param, DTensor) for param in parameters):
+        for param in parameters:
+            if param.grad is not None:
+                param.grad.mul_(world_size())
         return
     for param in parameters:
         if param.grad is None:

@@ -300,19 +300,39 @@ class ImplicitPRM:
         with torch.no_grad(), use_adapter(self.model, adapter), self.autocast():
             return completion_log_probs(self.model, batch, self.fused_log_probs)
 
-    def _micro_batches(self, rows: torch.Tensor) -> Iterator[torch.Tensor]:
-        for start in range(0, len(rows), self.micro_batch_size):
-            yield rows[start : start + self.micro_batch_size]
+    def _micro_batches(self, rows: torch.Tensor) -> Iterator[torch.Tensor | None]:
+        """Row indices of each micro-batch.
+
+        With sharded parameters (FSDP2) every forward and backward is a collective, so all processes must run the
+        same number of micro-batches even when the accuracy filter left them different row counts: a process
+        that runs out yields ``None``, meaning a placeholder pass that contributes nothing.
+        """
+        chunks: list[torch.Tensor | None] = list(rows.split(self.micro_batch_size))
+        if self._lockstep():
+            count = int(distributed.all_reduce_max(torch.tensor(len(chunks), device=rows.device)))
+            chunks += [None] * (count - len(chunks))
+        yield from chunks
+
+    def _lockstep(self) -> bool:
+        return distributed.is_distributed() and distributed.is_sharded(self.parameters()[0])
+
+    def _placeholder(self, batch: CompletionBatch) -> CompletionBatch:
+        """A one-row batch whose completion is fully masked: a forward that takes part in the collectives."""
+        ids = batch.completion_ids.new_zeros(1, 1)
+        return CompletionBatch(ids, torch.ones_like(ids), ids, torch.zeros_like(ids))
 
     def score(self, batch: CompletionBatch) -> PRMOutput:
         """PRM and reference log-probs without any update (``prm_update="none"`` and evaluation)."""
         prm_parts, ref_parts = [], []
         for rows in self._micro_batches(torch.arange(len(batch), device=batch.completion_ids.device)):
-            micro = batch.select(rows)
+            micro = batch.select(rows) if rows is not None else self._placeholder(batch)
             # Reference and PRM see identical micro-batches, so at step 0 (PRM == reference) the rewards are
             # exactly zero rather than O(1e-7) noise that normalisation would blow up (PRIME_SPEC trap 5).
-            ref_parts.append(self._log_probs(micro, None))
-            prm_parts.append(self._log_probs(micro, self.adapter_name))
+            ref_logps = self._log_probs(micro, None)
+            prm_logps = self._log_probs(micro, self.adapter_name)
+            if rows is not None:
+                ref_parts.append(ref_logps)
+                prm_parts.append(prm_logps)
         return PRMOutput(prm_logps=_cat_rows(prm_parts, batch), ref_logps=_cat_rows(ref_parts, batch))
 
     def score_and_update(
@@ -347,12 +367,15 @@ class ImplicitPRM:
                 continue
             mini_loss = torch.zeros((), device=device)
             for rows in self._micro_batches(mini_rows):
-                micro = batch.select(rows)
+                micro = batch.select(rows) if rows is not None else self._placeholder(batch)
                 ref_logps = self._log_probs(micro, None)
                 # Forward and backward both inside the adapter context: with gradient checkpointing the backward
                 # re-runs the forward, and it must see the PRM adapter active (PRIME_SPEC trap 7).
                 with torch.enable_grad(), use_adapter(self.model, self.adapter_name), self.autocast():
                     prm_logps = completion_log_probs(self.model, micro, self.fused_log_probs)
+                    if rows is None:  # placeholder pass (sharded parameters): join the collectives, add nothing
+                        (prm_logps.sum() * 0).backward()
+                        continue
                     loss = self._loss(prm_logps, ref_logps, micro, labels[rows], rows, group_context)
                     (loss * len(rows) / mini_size).backward()
                 mini_loss += loss.detach() * len(rows) / mini_size

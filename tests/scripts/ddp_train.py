@@ -1,7 +1,9 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (CPU, gloo).
 
 Trains PRIME for a few steps with groups split across the two processes and writes, per rank, the adapters
-before and after training to <out>/rank<r>.pt.
+before and after training to <out>/rank<r>.pt. Arguments: model_dir out_dir loss_type update engine, where
+engine is "ddp" or "fsdp2" (parameters sharded with FSDP2; the accuracy filter is then on, so the processes
+keep different numbers of rows and must still run their PRM passes in lockstep).
 """
 
 import os
@@ -22,7 +24,8 @@ def coin_reward(completions, **kwargs):
     return [float(zlib.crc32(c.encode()) % 2) for c in completions]
 
 
-def main(model_dir: str, out_dir: str, loss_type: str, update: str) -> None:
+def main(model_dir: str, out_dir: str, loss_type: str, update: str, engine: str) -> None:
+    sharding = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2}) if engine == "fsdp2" else {}
     args = PRIMEConfig(
         output_dir=out_dir,
         per_device_train_batch_size=6,  # global batch 12 = 3 groups of 4: the middle group straddles the ranks
@@ -33,7 +36,7 @@ def main(model_dir: str, out_dir: str, loss_type: str, update: str) -> None:
         prm_learning_rate=0.05,
         prm_loss_type=loss_type,
         prm_update=update,
-        accuracy_filter=False,
+        accuracy_filter=engine == "fsdp2",
         use_cpu=True,
         bf16=False,
         gradient_checkpointing=False,
@@ -41,6 +44,7 @@ def main(model_dir: str, out_dir: str, loss_type: str, update: str) -> None:
         save_strategy="no",
         logging_steps=1,
         seed=3,
+        **sharding,
     )
     dataset = Dataset.from_list([{"prompt": f"Q{i}="} for i in range(24)])
     trainer = PRIMETrainer(
@@ -50,7 +54,11 @@ def main(model_dir: str, out_dir: str, loss_type: str, update: str) -> None:
         train_dataset=dataset,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
     )
-    adapters = lambda: {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}  # noqa: E731
+
+    def adapters() -> dict[str, torch.Tensor]:  # full tensors, also when FSDP2 holds only a shard per process
+        full = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in trainer.model.named_parameters()}
+        return {n: p.detach().clone() for n, p in full.items() if "lora_" in n}
+
     before = adapters()
     trainer.train()
     rank = int(os.environ.get("RANK", 0))
@@ -59,4 +67,4 @@ def main(model_dir: str, out_dir: str, loss_type: str, update: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
