@@ -136,6 +136,12 @@ class PRIMETrainer(GRPOTrainer):
                 f"args must be a PRIMEConfig, got {type(args).__name__}. Build it with PRIMEConfig(...) (it accepts "
                 "every GRPOConfig field)."
             )
+        if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
+            raise NotImplementedError(
+                "DeepSpeed ZeRO-3 keeps the PRM adapter's gradients inside its engine, where PRIME's separate PRM "
+                "optimizer cannot see them. Shard with FSDP2 instead (fsdp='full_shard', fsdp_config={'fsdp_version': "
+                "2}), which PRIMETrainer supports, or use ZeRO-2 / DDP. See README, 'Scaling out'."
+            )
         reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         if not reward_funcs:
             raise ValueError("PRIMETrainer needs at least one reward function: the verifier that labels completions.")
