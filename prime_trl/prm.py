@@ -295,9 +295,13 @@ class ImplicitPRM:
 
     # ----- forwards -----
 
+    def _adapter(self, adapter: str | None) -> AbstractContextManager:
+        """Activate ``adapter`` on the host model (``None``: every adapter off, i.e. the reference)."""
+        return use_adapter(self.model, adapter)
+
     def _log_probs(self, batch: CompletionBatch, adapter: str | None) -> torch.Tensor:
         """Completion log-probs under ``adapter`` (``None``: adapters disabled = reference), no gradient."""
-        with torch.no_grad(), use_adapter(self.model, adapter), self.autocast():
+        with torch.no_grad(), self._adapter(adapter), self.autocast():
             return completion_log_probs(self.model, batch, self.fused_log_probs)
 
     def _micro_batches(self, rows: torch.Tensor) -> Iterator[torch.Tensor | None]:
@@ -371,7 +375,7 @@ class ImplicitPRM:
                 ref_logps = self._log_probs(micro, None)
                 # Forward and backward both inside the adapter context: with gradient checkpointing the backward
                 # re-runs the forward, and it must see the PRM adapter active (PRIME_SPEC trap 7).
-                with torch.enable_grad(), use_adapter(self.model, self.adapter_name), self.autocast():
+                with torch.enable_grad(), self._adapter(self.adapter_name), self.autocast():
                     prm_logps = completion_log_probs(self.model, micro, self.fused_log_probs)
                     if rows is None:  # placeholder pass (sharded parameters): join the collectives, add nothing
                         (prm_logps.sum() * 0).backward()

@@ -1,0 +1,436 @@
+"""PRIME's prompts and loaders that turn public math/code data sets into rows for the trainer and for evaluation.
+
+Every loader returns a `datasets.Dataset` with the same string columns, so math and code sets can be mixed with
+`datasets.concatenate_datasets` and scored by `prime_trl.rewards.verifier`:
+
+========== =====================================================================================================
+prompt     chat messages: PRIME's system prompt (unless ``system_prompt=False``), then the question + task suffix
+task       "math" or "code"
+answer     math: the reference answer (LaTeX or plain; what `math_reward` compares with); code: ""
+tests      code: a test program, or JSON ``{"inputs": [...], "outputs": [...]}``; math: ""
+code_prefix  code the prompt already contains (HumanEval: imports, helpers, signature); else ""
+entry_point  the function under test (HumanEval); else ""
+source     data set name (e.g. "math500", "gsm8k", or Eurus-2's ``data_source``)
+id         the row's id in its source
+========== =====================================================================================================
+
+Files are read from ``path`` when given, else from the data directory: ``$PRIME_TRL_DATA_DIR`` or
+``../shared/data`` next to the repository (the files described in its README). Only when a file is missing
+there is the same data set fetched from the Hugging Face Hub (needs network).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CODE_SUFFIX",
+    "COLUMNS",
+    "MATH_SUFFIX",
+    "PRIME_SYSTEM_PROMPT",
+    "DATASET_NAMES",
+    "default_data_dir",
+    "humaneval_tests",
+    "load_aime24",
+    "load_amc23",
+    "load_dataset_by_name",
+    "load_eurus_rl",
+    "load_gsm8k",
+    "load_humaneval",
+    "load_math500",
+    "load_math_train",
+    "load_prime_file",
+    "make_prompt",
+]
+
+# The Eurus-2 "action-centric chain of thought" system prompt, character for character as in PRIME's RL data
+# (PRIME-RL/Eurus-2-RL-Data), including the leading newline and the two trailing ones.
+PRIME_SYSTEM_PROMPT = (
+    "\nWhen tackling complex reasoning tasks, you have access to the following actions. Use them as needed to "
+    "progress through your thought process.\n\n[ASSESS]\n\n[ADVANCE]\n\n[VERIFY]\n\n[SIMPLIFY]\n\n[SYNTHESIZE]"
+    "\n\n[PIVOT]\n\n[OUTPUT]\n\nYou should strictly follow the format below:\n\n[ACTION NAME]\n\n"
+    "# Your action step 1\n\n# Your action step 2\n\n# Your action step 3\n\n...\n\n"
+    "Next action: [NEXT ACTION NAME]\n\n"
+)
+MATH_SUFFIX = "\n\nPresent the answer in LaTex format: \\boxed{Your answer}"
+CODE_SUFFIX = "\n\nWrite Python code to solve the problem. Present the code in \n```python\nYour code\n```\nat the end."
+
+COLUMNS = ("prompt", "task", "answer", "tests", "code_prefix", "entry_point", "source", "id")
+
+# (file in the data directory, hub id, hub config, hub split) per data set and split
+_FILES: dict[tuple[str, str], tuple[str, str, str | None, str]] = {
+    ("gsm8k", "train"): ("gsm8k_train.jsonl", "openai/gsm8k", "main", "train"),
+    ("gsm8k", "test"): ("gsm8k_test.jsonl", "openai/gsm8k", "main", "test"),
+    ("math500", "test"): ("math500_test.jsonl", "HuggingFaceH4/MATH-500", None, "test"),
+    ("math", "train"): ("math_train.jsonl", "DigitalLearningGmbH/MATH-lighteval", None, "train"),
+    ("aime24", "test"): ("aime24.jsonl", "HuggingFaceH4/aime_2024", None, "train"),
+    ("amc23", "test"): ("amc23.jsonl", "math-ai/amc23", None, "test"),
+    ("humaneval", "test"): ("humaneval.jsonl", "openai/openai_humaneval", None, "test"),
+}
+
+
+def default_data_dir() -> Path | None:
+    """``$PRIME_TRL_DATA_DIR`` if set, else ``../shared/data`` relative to the repository, if it exists."""
+    env = os.environ.get("PRIME_TRL_DATA_DIR")
+    if env:
+        return Path(env)
+    candidate = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return candidate if candidate.is_dir() else None
+
+
+def make_prompt(question: str, task: str, system_prompt: bool = True) -> list[dict[str, str]]:
+    """Chat messages for one question: PRIME's system prompt (optional) and the question + the task's suffix."""
+    if task not in ("math", "code"):
+        raise ValueError(f"task must be 'math' or 'code', got {task!r}")
+    suffix = MATH_SUFFIX if task == "math" else CODE_SUFFIX
+    messages = [{"role": "system", "content": PRIME_SYSTEM_PROMPT}] if system_prompt else []
+    return messages + [{"role": "user", "content": question.strip() + suffix}]
+
+
+def _row(prompt: list, task: str, *, answer: str = "", tests: str = "", source: str, id: Any, **extra: str) -> dict:
+    row = {"prompt": prompt, "task": task, "answer": answer, "tests": tests, "code_prefix": "", "entry_point": ""}
+    row.update(extra, source=source, id=str(id))
+    return row
+
+
+def _records(name: str, split: str, path: str | os.PathLike | None) -> Iterable[dict]:
+    """Raw records of a data set: from `path` (a file, or a directory holding the usual file name), the data
+    directory, or - only if the file is missing locally - the Hugging Face Hub."""
+    if (name, split) not in _FILES:
+        splits = sorted(s for n, s in _FILES if n == name)
+        raise ValueError(f"{name} has no split {split!r}; available: {splits}")
+    filename, hub_id, hub_config, hub_split = _FILES[(name, split)]
+    if path is not None:
+        file = Path(path)
+        file = file / filename if file.is_dir() else file
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found (expected the {name} {split} file {filename})")
+    else:
+        directory = default_data_dir()
+        file = directory / filename if directory is not None else None
+    if file is not None and file.is_file():
+        with open(file, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    logger.info("%s not found locally (data dir %s); loading %s from the Hugging Face Hub", filename, file, hub_id)
+    from datasets import load_dataset
+
+    return load_dataset(hub_id, hub_config, split=hub_split)
+
+
+def _finish(rows: list[dict], limit: int | None) -> Dataset:
+    if limit is not None:
+        rows = rows[:limit]
+    return Dataset.from_list(rows)
+
+
+def _integer_text(value: Any) -> str:
+    """'025' -> '25', 27.0 -> '27'; anything else unchanged (as text)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return str(int(text)) if re.fullmatch(r"[+-]?\d+", text) else text
+
+
+def load_gsm8k(
+    split: str = "test", path: str | None = None, *, system_prompt: bool = True, limit: int | None = None
+) -> Dataset:
+    """GSM8K (train 7,473 / test 1,319): answer = the number after ``####``, thousands separators removed."""
+    rows = []
+    for i, record in enumerate(_records("gsm8k", split, path)):
+        final = record["answer"].split("####")[-1].strip().replace(",", "")
+        rows.append(
+            _row(make_prompt(record["question"], "math", system_prompt), "math", answer=final, source="gsm8k", id=i)
+        )
+    return _finish(rows, limit)
+
+
+def load_math500(path: str | None = None, *, system_prompt: bool = True, limit: int | None = None) -> Dataset:
+    """MATH-500 (OpenAI's PRM800K held-out test split, 500 rows); answer = the ``answer`` field."""
+    rows = [
+        _row(
+            make_prompt(r["problem"], "math", system_prompt),
+            "math",
+            answer=r["answer"],
+            source="math500",
+            id=r["unique_id"],
+        )
+        for r in _records("math500", "test", path)
+    ]
+    return _finish(rows, limit)
+
+
+def load_math_train(path: str | None = None, *, system_prompt: bool = True, limit: int | None = None) -> Dataset:
+    """MATH train problems (the 12k PRM800K-style split, MATH-500 excluded); answer = last ``\\boxed{}`` of the
+    solution. Rows whose box is empty (2 in the shipped file: number_theory 7115 and 7117) are skipped."""
+    from prime_trl.rewards.math import extract_boxed
+
+    rows = []
+    for i, record in enumerate(_records("math", "train", path)):
+        answer = (extract_boxed(record["solution"]) or "").strip()
+        if not answer:  # two rows of the original MATH release end in an empty \boxed{}: no label, skip them
+            logger.info("MATH row %s has no boxed answer; skipped", record.get("unique_id", i))
+            continue
+        rows.append(
+            _row(
+                make_prompt(record["problem"], "math", system_prompt),
+                "math",
+                answer=answer,
+                source="math",
+                id=record.get("unique_id", i),
+            )
+        )
+    return _finish(rows, limit)
+
+
+def load_aime24(path: str | None = None, *, system_prompt: bool = True, limit: int | None = None) -> Dataset:
+    """AIME 2024 I+II (30 problems); integer answers without leading zeros."""
+    rows = [
+        _row(
+            make_prompt(r["problem"], "math", system_prompt),
+            "math",
+            answer=_integer_text(r["answer"]),
+            source="aime24",
+            id=r.get("id", i),
+        )
+        for i, r in enumerate(_records("aime24", "test", path))
+    ]
+    return _finish(rows, limit)
+
+
+def load_amc23(path: str | None = None, *, system_prompt: bool = True, limit: int | None = None) -> Dataset:
+    """AMC 12 2023 (40 problems with numeric answers; the file stores them as floats, e.g. 27.0 -> "27")."""
+    rows = [
+        _row(
+            make_prompt(r.get("problem") or r["question"], "math", system_prompt),
+            "math",
+            answer=_integer_text(r["answer"]),
+            source="amc23",
+            id=r.get("id", i),
+        )
+        for i, r in enumerate(_records("amc23", "test", path))
+    ]
+    return _finish(rows, limit)
+
+
+# Appended to each HumanEval test program: HumanEval's asserts compare results with ==, so a returned object with
+# an always-true __eq__ (or a subclass of a built-in type) would pass without computing anything. The candidate
+# is wrapped so that only plain built-in values count as results.
+_HUMANEVAL_GUARD = """
+
+def _prime_plain(value):
+    kind = type(value)
+    if kind in (list, tuple, set, frozenset):
+        return all(_prime_plain(item) for item in value)
+    if kind is dict:
+        return all(_prime_plain(k) and _prime_plain(v) for k, v in value.items())
+    return kind in (type(None), bool, int, float, complex, str, bytes)
+
+
+def _prime_checked(function):
+    def candidate(*args, **kwargs):
+        result = function(*args, **kwargs)
+        if not _prime_plain(result):
+            raise TypeError("the solution returned a " + type(result).__name__ + ", not a plain built-in value")
+        return result
+    return candidate
+
+"""
+
+
+def humaneval_tests(test: str, entry_point: str) -> str:
+    """The test program for one HumanEval problem: its ``check`` function, the result guard, and the call."""
+    return f"{test.rstrip()}\n{_HUMANEVAL_GUARD}\ncheck(_prime_checked({entry_point}))\n"
+
+
+def load_humaneval(path: str | None = None, *, system_prompt: bool = True, limit: int | None = None) -> Dataset:
+    """HumanEval (164 problems) as code rows.
+
+    The user message shows the function stub (signature + docstring) in a code block and asks for the complete
+    function. ``tests`` runs HumanEval's ``check`` on the entry point (see `humaneval_tests`). ``code_prefix`` is
+    the stub and ``entry_point`` its name, so `code_reward` (via `prime_trl.rewards.assemble_program`) puts the
+    stub's imports and helper functions before a completion that defines the function, and treats a completion
+    that does not define it as the body that continues the stub (HumanEval's original completion format).
+    """
+    rows = []
+    for record in _records("humaneval", "test", path):
+        question = (
+            "Complete the following Python function. Give the whole function, signature included.\n\n"
+            f"```python\n{record['prompt'].strip()}\n```"
+        )
+        rows.append(
+            _row(
+                make_prompt(question, "code", system_prompt),
+                "code",
+                tests=humaneval_tests(record["test"], record["entry_point"]),
+                source="humaneval",
+                id=record["task_id"],
+                code_prefix=record["prompt"],
+                entry_point=record["entry_point"],
+            )
+        )
+    return _finish(rows, limit)
+
+
+def _eurus_row(record: dict, system_prompt: bool) -> dict:
+    """One PRIME-RL/Eurus-2-RL-Data row (data_source, prompt, ability, reward_model, extra_info) -> our columns."""
+    task = {"coding": "code"}.get(record.get("ability"), record.get("ability"))
+    if task not in ("math", "code"):
+        raise ValueError(f"Eurus-2 row has ability {record.get('ability')!r}; expected 'math' or 'code'")
+    messages = [dict(m) for m in record["prompt"]]
+    messages = [
+        {"role": m["role"], "content": m["content"]} for m in messages if system_prompt or m["role"] != "system"
+    ]
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": PRIME_SYSTEM_PROMPT})
+    truth = record["reward_model"]["ground_truth"]
+    if task == "code" and not isinstance(truth, str):
+        truth = json.dumps(truth)
+    extra = record.get("extra_info") or {}
+    source = str(record.get("data_source", "eurus"))
+    row_id = f"{source}-{extra.get('index', '')}"
+    if task == "math":
+        return _row(messages, "math", answer=str(truth), source=source, id=row_id)
+    return _row(messages, "code", tests=truth, source=source, id=row_id)
+
+
+def load_eurus_rl(
+    split: str = "train", path: str | None = None, *, system_prompt: bool = True, limit: int | None = None
+) -> Dataset:
+    """PRIME's RL data (PRIME-RL/Eurus-2-RL-Data: 455k math + 27k code prompts, validation 2,048), or a local
+    file (.jsonl / .json / .parquet) with its columns. Prompts already carry PRIME's system prompt and suffixes;
+    math ground truths become ``answer``, code ground truths (JSON inputs/outputs) become ``tests``."""
+    if path is not None:
+        records = _read_table(Path(path))
+    else:
+        from datasets import load_dataset
+
+        records = load_dataset("PRIME-RL/Eurus-2-RL-Data", split=split)
+    rows = []
+    for record in records:
+        rows.append(_eurus_row(record, system_prompt))
+        if limit is not None and len(rows) >= limit:
+            break
+    return Dataset.from_list(rows)
+
+
+def _read_table(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    if path.suffix == ".parquet":
+        return Dataset.from_parquet(str(path)).to_list()
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def load_prime_file(path: str | os.PathLike, *, system_prompt: bool = True, limit: int | None = None) -> Dataset:
+    """Rows from your own .jsonl / .json / .parquet file, in any of these shapes:
+
+    * our columns: ``prompt`` (chat messages or a plain question) and ``task``, plus ``answer`` or ``tests``;
+    * Eurus-2-RL-Data columns (``prompt``, ``ability``, ``reward_model``);
+    * plain math: ``problem`` or ``question``, and ``answer``.
+    """
+    rows = []
+    for i, record in enumerate(_read_table(Path(path))):
+        if "ability" in record and "reward_model" in record:
+            rows.append(_eurus_row(record, system_prompt))
+        elif "prompt" in record and "task" in record:
+            task = record["task"]
+            prompt = record["prompt"]
+            if isinstance(prompt, str):
+                prompt = make_prompt(prompt, task, system_prompt)
+            elif not system_prompt:
+                prompt = [m for m in prompt if m["role"] != "system"]
+            extra = {k: str(record.get(k) or "") for k in ("code_prefix", "entry_point")}
+            tests = record.get("tests") or ""
+            rows.append(
+                _row(
+                    prompt,
+                    task,
+                    answer=str(record.get("answer") or ""),
+                    tests=tests if isinstance(tests, str) else json.dumps(tests),
+                    source=str(record.get("source", Path(path).stem)),
+                    id=record.get("id", i),
+                    **extra,
+                )
+            )
+        elif ("problem" in record or "question" in record) and "answer" in record:
+            question = record.get("problem") or record["question"]
+            rows.append(
+                _row(
+                    make_prompt(question, "math", system_prompt),
+                    "math",
+                    answer=_integer_text(record["answer"]),
+                    source=Path(path).stem,
+                    id=record.get("id", i),
+                )
+            )
+        else:
+            raise ValueError(
+                f"{path}: row {i} has columns {sorted(record)}; expected 'prompt' + 'task' + 'answer'/'tests', "
+                "Eurus-2 columns ('prompt', 'ability', 'reward_model'), or 'problem'/'question' + 'answer'"
+            )
+        if limit is not None and len(rows) >= limit:
+            break
+    return Dataset.from_list(rows)
+
+
+_LOADERS: dict[str, Callable[..., Dataset]] = {
+    "math500": load_math500,
+    "gsm8k": load_gsm8k,
+    "math": load_math_train,
+    "aime24": load_aime24,
+    "amc23": load_amc23,
+    "humaneval": load_humaneval,
+    "eurus": load_eurus_rl,
+}
+_ALIASES = {
+    "math-500": "math500",
+    "math_500": "math500",
+    "math_train": "math",
+    "aime2024": "aime24",
+    "aime": "aime24",
+    "amc": "amc23",
+    "amc2023": "amc23",
+    "human_eval": "humaneval",
+    "eurus_rl": "eurus",
+    "eurus-2-rl-data": "eurus",
+}
+DATASET_NAMES = tuple(_LOADERS)
+
+
+def load_dataset_by_name(
+    name: str,
+    split: str | None = None,
+    *,
+    path: str | None = None,
+    system_prompt: bool = True,
+    limit: int | None = None,
+) -> Dataset:
+    """Load a data set by name ("math500", "gsm8k", "math", "aime24", "amc23", "humaneval", "eurus") or from a
+    file path (.jsonl / .json / .parquet, see `load_prime_file`). `split` applies to gsm8k (default "test") and
+    eurus (default "validation"); `path` overrides where the named set's file is read from."""
+    if os.path.sep in name or name.endswith((".jsonl", ".json", ".parquet")):
+        return load_prime_file(name, system_prompt=system_prompt, limit=limit)
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in _LOADERS:
+        raise ValueError(f"unknown data set {name!r}; use one of {list(DATASET_NAMES)} or a path to a .jsonl file")
+    kwargs: dict[str, Any] = {"path": path, "system_prompt": system_prompt, "limit": limit}
+    if key == "gsm8k":
+        kwargs["split"] = split or "test"
+    elif key == "eurus":
+        kwargs["split"] = split or "validation"
+    elif split not in (None, "test", "train"):
+        raise ValueError(f"{name} has a single split; got split={split!r}")
+    return _LOADERS[key](**kwargs)
