@@ -1,0 +1,303 @@
+"""What PRIME costs per step, against TRL's GRPO, and what sharing one base saves.
+
+Variants, all on the same random model, prompts, batch and completion length (random models rarely emit EOS,
+so every completion runs to the length limit and all variants do the same generation work):
+
+- ``grpo``      TRL's `GRPOTrainer`, LoRA policy (the baseline)
+- ``prime``     `PRIMETrainer`: LoRA policy + LoRA PRM on one frozen base, reference = adapters off
+- ``separate``  PRIME as the official code does it: a full trainable PRM model and a full frozen reference
+                model next to the LoRA policy (same update rule, same micro-batching)
+- ``prime_qlora`` PRIME on a 4-bit (nf4) base (only with --qlora; peak memory of QLoRA vs LoRA)
+
+Each run is its own subprocess (so each has its own peak RSS); runs alternate A B C A B C ... and ratios are
+taken pair by pair within a round, then summarised by median, min and max. Step time is the wall time of an
+optimizer step after warm-up; peak memory is the process's peak RSS minus its RSS just before the model was built.
+
+    python benchmarks/overhead.py --size demo --rounds 3
+    python benchmarks/overhead.py --size large --rounds 3 --qlora
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIZES = {
+    # the demo model's shape (prime_trl.demo.model.ModelConfig), byte-level vocabulary
+    "demo": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512, completion=48, prompts=4),
+    # ~71M parameters: model compute no longer negligible next to Python overhead
+    "large": dict(hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=4, intermediate_size=3072, completion=96, prompts=2),
+}
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run (in its own process)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def worker(variant: str, size: str, steps: int, warmup: int, model_dir: str) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    import zlib
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from prime_trl import PRIMEConfig, PRIMETrainer
+    from prime_trl.prm import ImplicitPRM, completion_log_probs
+
+    shape = SIZES[size]
+
+    def coin_reward(completions, **kwargs):
+        return [float(zlib.crc32(c.encode()) % 2) for c in completions]
+
+    common = dict(
+        output_dir=f"/tmp/prime-overhead-{variant}",
+        per_device_train_batch_size=4 * shape["prompts"],
+        num_generations=4,
+        max_completion_length=shape["completion"],
+        max_steps=warmup + steps,
+        learning_rate=1e-5,
+        loss_type="grpo",
+        beta=0.0,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    dataset = Dataset.from_list([{"prompt": f"Q:{i}+{i % 7}*3=?A:"} for i in range(64)])
+
+    class SeparateModelsPRM(ImplicitPRM):
+        """The official layout: a full PRM model and a full reference model (the update rule is unchanged)."""
+
+        def __init__(self, prm_model, ref_model, **kwargs):
+            super().__init__(prm_model, "full", **kwargs)
+            self.ref_model = ref_model
+
+        def parameters(self):
+            return list(self.model.parameters())
+
+        def _adapter(self, adapter):
+            from contextlib import nullcontext
+
+            return nullcontext()
+
+        def _log_probs(self, batch, adapter):
+            model = self.ref_model if adapter is None else self.model
+            with torch.no_grad(), self.autocast():
+                return completion_log_probs(model, batch, fused=False)
+
+    class SeparateModelsPRIMETrainer(PRIMETrainer):
+        def _build_prm(self, prm):
+            base = self.model.get_base_model()
+            prm_model, ref_model = copy.deepcopy(base), copy.deepcopy(base)
+            for model in (prm_model, ref_model):
+                model.__dict__.pop("forward", None)  # plain forward (the copied fused head points at the original)
+            prm_model.requires_grad_(True).train()
+            ref_model.requires_grad_(False)
+            return SeparateModelsPRM(
+                prm_model, ref_model, beta=self.args.prime_beta, micro_batch_size=self.args.per_device_train_batch_size
+            )
+
+    baseline_mb = _rss_mb("VmRSS")
+    if variant == "grpo":
+        trainer = GRPOTrainer(
+            model_dir, reward_funcs=coin_reward, args=GRPOConfig(**common), train_dataset=dataset, peft_config=lora
+        )
+    else:
+        args = PRIMEConfig(**common, accuracy_filter=False)
+        trainer_class = SeparateModelsPRIMETrainer if variant == "separate" else PRIMETrainer
+        quantization = None
+        if variant == "prime_qlora":
+            quantization = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            )
+        trainer = trainer_class(
+            model_dir,
+            args=args,
+            reward_funcs=coin_reward,
+            train_dataset=dataset,
+            peft_config=lora,
+            quantization_config=quantization,
+        )
+
+    # Time split of a step: wrap the pieces we can see from outside.
+    timings = {"generation": 0.0, "reference_forward": 0.0, "prm_update": 0.0, "scoring": 0.0}
+    original_generate = trainer._generate
+
+    def timed_generate(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original_generate(*args, **kwargs)
+        finally:
+            timings["generation"] += time.perf_counter() - start
+
+    trainer._generate = timed_generate
+    original_score = trainer._generate_and_score_completions
+
+    def timed_score(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original_score(*args, **kwargs)
+        finally:
+            timings["scoring"] += time.perf_counter() - start
+
+    trainer._generate_and_score_completions = timed_score
+    if variant != "grpo":
+        prm = trainer.prm
+        original_log_probs, original_update = prm._log_probs, prm.score_and_update
+
+        def timed_log_probs(batch, adapter):
+            start = time.perf_counter()
+            try:
+                return original_log_probs(batch, adapter)
+            finally:
+                if adapter is None:
+                    timings["reference_forward"] += time.perf_counter() - start
+
+        def timed_update(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original_update(*args, **kwargs)
+            finally:
+                timings["prm_update"] += time.perf_counter() - start
+
+        prm._log_probs, prm.score_and_update = timed_log_probs, timed_update
+
+    step_times, splits = [], []
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            for key in timings:
+                timings[key] = 0.0
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step > warmup:
+                step_times.append(time.perf_counter() - self.start)
+                splits.append(dict(timings))
+
+    trainer.add_callback(StepClock())
+    trainer.train()
+    params = sum(p.numel() for p in trainer.model.get_base_model().parameters())
+    split = {key: statistics.median(s[key] for s in splits) for key in timings}
+    total = statistics.median(step_times)
+    # prm_update includes the reference forwards it runs; report them apart.
+    breakdown = {
+        "generation": split["generation"],
+        "reference_forward": split["reference_forward"],
+        "prm_update": split["prm_update"] - split["reference_forward"],
+        "other_scoring": split["scoring"] - split["generation"] - split["prm_update"],
+        "policy_update": total - split["scoring"],
+    }
+    return {
+        "variant": variant,
+        "size": size,
+        "base_parameters": params,
+        "step_seconds": total,
+        "peak_mem_mb": _rss_mb("VmHWM") - baseline_mb,
+        "breakdown_seconds": breakdown,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver: alternate the variants, ratios pair by pair
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_variant(variant: str, size: str, steps: int, warmup: int, model_dir: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    command = [sys.executable, __file__, "--worker", variant, "--size", size, "--steps", str(steps)]
+    command += ["--warmup", str(warmup), "--model-dir", model_dir]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{variant} run failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def summarise(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="demo")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (pairs per ratio)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
+    parser.add_argument("--qlora", action="store_true", help="also run PRIME on a 4-bit base")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+
+    if options.worker:
+        print(json.dumps(worker(options.worker, options.size, options.steps, options.warmup, options.model_dir)))
+        return
+
+    import tempfile
+
+    from prime_trl.tiny import save_tiny_model
+
+    shape = {k: v for k, v in SIZES[options.size].items() if k not in ("completion", "prompts")}
+    model_dir = str(save_tiny_model(tempfile.mkdtemp(prefix=f"overhead-{options.size}-"), **shape))
+    variants = ["grpo", "prime", "separate"] + (["prime_qlora"] if options.qlora else [])
+    rounds = []
+    for index in range(options.rounds):
+        runs = {v: run_variant(v, options.size, options.steps, options.warmup, model_dir) for v in variants}
+        rounds.append(runs)
+        print(f"round {index + 1}: " + ", ".join(f"{v} {r['step_seconds']:.2f}s {r['peak_mem_mb']:.0f}MB" for v, r in runs.items()))
+
+    def ratios(a: str, b: str, key: str) -> dict:
+        return summarise([r[a][key] / r[b][key] for r in rounds])
+
+    report = {
+        "size": options.size,
+        "base_parameters": rounds[0]["prime"]["base_parameters"],
+        "command": "python benchmarks/overhead.py " + " ".join(sys.argv[1:]),
+        "step_time_ratio_prime_over_grpo": ratios("prime", "grpo", "step_seconds"),
+        "peak_mem_ratio_prime_over_grpo": ratios("prime", "grpo", "peak_mem_mb"),
+        "peak_mem_ratio_shared_over_separate": ratios("prime", "separate", "peak_mem_mb"),
+        "step_time_ratio_separate_over_grpo": ratios("separate", "grpo", "step_seconds"),
+        "step_seconds": {v: summarise([r[v]["step_seconds"] for r in rounds]) for v in variants},
+        "peak_mem_mb": {v: summarise([r[v]["peak_mem_mb"] for r in rounds]) for v in variants},
+        "prime_breakdown_seconds": {
+            key: statistics.median(r["prime"]["breakdown_seconds"][key] for r in rounds)
+            for key in rounds[0]["prime"]["breakdown_seconds"]
+        },
+    }
+    if options.qlora:
+        report["peak_mem_ratio_qlora_over_lora"] = ratios("prime_qlora", "prime", "peak_mem_mb")
+        report["step_time_ratio_qlora_over_lora"] = ratios("prime_qlora", "prime", "step_seconds")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"overhead_{options.size}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
