@@ -39,7 +39,9 @@ def main(model_dir: str, out_dir: str, max_steps: str) -> None:
         lr_scheduler_type="constant",
         accuracy_filter=False,
     )
-    module = PRIMEModule(model_dir, coin_reward, config, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    module = PRIMEModule(
+        model_dir, coin_reward, config, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    )
     data = PRIMEDataModule([{"prompt": f"Q{i}="} for i in range(16)], prompts_per_device=2, seed=3)
     adapters = lambda: {n: p.detach().clone() for n, p in module.model.named_parameters() if "lora_" in n}  # noqa: E731
     before = adapters()

@@ -1,0 +1,835 @@
+"""PRIME on PyTorch Lightning: `PRIMEModule`, `PRIMEModuleConfig` and `PRIMEDataModule`.
+
+The same algorithm as `PRIMETrainer` (TRL), for training code built on Lightning (loggers, callbacks,
+``ModelCheckpoint``, strategies). The policy is the LoRA adapter ``default``, the implicit PRM a second LoRA adapter
+on the same frozen base, the reference that base with adapters disabled. One Lightning training step is one PRIME
+step (PRIME_SPEC.md section 2) on this process's ``B_local = prompts x K`` rows:
+
+1. `PRIMEModule.generate`: ``K`` completions per prompt with the policy adapter active (rows of a group contiguous);
+2. `PRIMEModule.score_completions`: the reward functions, gathered over processes -> ``[B_global, n_funcs]``;
+3-6. `PRIMEModule.compute_advantages`: accuracy filter, reference / PRM log-probs, the online PRM update and the
+   per-token advantages. It calls `prime_trl.algorithm.prime_advantages`, the very function `PRIMETrainer` calls,
+   with an `ImplicitPRM` built from the same `prime_trl.prm` pieces, so both paths compute the same tensors;
+4. `PRIMEModule.policy_update`: TRL's clipped surrogate (``loss_type="grpo"``) and one policy optimizer step.
+
+Optimisation is manual with two optimizers: the policy adapter's AdamW, stepped here (Lightning counts its steps, so
+``global_step`` / ``max_steps`` count PRIME steps), and the PRM adapter's AdamW, owned and stepped by `ImplicitPRM`
+(which sums the PRM gradients over processes itself: DDP only synchronises parameters that required grad when it
+wrapped the module, and the PRM adapter was frozen then).
+
+Checkpoints hold both adapters (not the frozen base), both optimizers and schedulers (Lightning's own
+``optimizer_states`` / ``lr_schedulers``), each process's random stream and, with `PRIMEDataModule`, the position in
+the epoch, so ``Trainer.fit(..., ckpt_path=...)`` continues exactly as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, get_scheduler
+from trl.data_utils import is_conversational
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, get_callable_name
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+except ImportError as error:  # pragma: no cover - exercised only without the extra installed
+    raise ImportError(
+        "prime_trl.lightning needs PyTorch Lightning: pip install 'prime-trl[lightning]' (or pip install lightning)."
+    ) from error
+
+from . import distributed
+from .algorithm import PRIMESettings, PRIMEStep, prime_advantages
+from .config import PRIMEConfig
+from .prm import (
+    CompletionBatch,
+    ImplicitPRM,
+    adapter_parameters,
+    add_prm_adapter,
+    check_lora_config,
+    completion_log_probs,
+    default_prm_lora_config,
+    save_adapter,
+)
+
+# The reward-function guard and the dataset check are PRIMETrainer's, shared rather than copied.
+from .trainer import PRM_DIR_NAME, _check_dataset_columns, _guard_reward_function
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PRIMEDataModule", "PRIMEModule", "PRIMEModuleConfig", "clipped_policy_loss"]
+
+POLICY_ADAPTER = "default"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PRIMEModuleConfig:
+    """`PRIMEModule`'s settings. Every field has the name, meaning and default of the `PRIMEConfig` field it mirrors
+    (see ``PRIMEConfig`` / ``GRPOConfig`` help texts); `from_prime_config` copies them from a `PRIMEConfig`.
+
+    How the TRL batch fields map: a Lightning step generates for the prompts of one `PRIMEDataModule` batch
+    (``prompts_per_device`` per process) ``num_generations`` completions each, i.e. TRL's generation batch; the policy
+    then takes one optimizer step per pass over those rows (``num_iterations`` passes), accumulating gradients over
+    micro-batches of ``per_device_train_batch_size`` rows, as TRL does with ``gradient_accumulation_steps ==
+    steps_per_generation``. Not mirrored: ``loss_type`` (always ``"grpo"``), the KL term (``beta``; always 0),
+    vLLM, reward models given as names or modules (pass Python reward functions), evaluation, and the Trainer-level
+    fields that Lightning's own ``Trainer`` arguments replace (``max_steps``, ``precision``, logging, saving).
+    """
+
+    # ----- generation -------------------------------------------------------------------------------------------
+    num_generations: int = 4
+    max_completion_length: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    chat_template_kwargs: dict | None = None
+    # ----- policy -----------------------------------------------------------------------------------------------
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    per_device_train_batch_size: int = 8  # rows per policy forward / backward
+    num_iterations: int = 1
+    gradient_checkpointing: bool = False  # GRPOConfig's default is True; off here, as most Lightning runs start small
+    disable_dropout: bool = True
+    seed: int = 42  # seeds this module's own random stream (sampling), offset by the process rank
+    # ----- rewards ----------------------------------------------------------------------------------------------
+    reward_weights: list[float] | None = None
+    verifier: str | None = None
+    # ----- implicit PRM -----------------------------------------------------------------------------------------
+    prime_beta: float = 0.05
+    prm_update: str = "single"
+    prm_loss_type: str = "ce"
+    prm_learning_rate: float = 1e-5
+    prm_weight_decay: float = 0.0
+    prm_max_grad_norm: float = 10.0
+    prm_lr_scheduler_type: str = "constant"
+    prm_warmup_steps: int = 0
+    prm_num_mini_batches: int = 1
+    prm_micro_batch_size: int | None = None
+    prm_adapter_name: str = "prm"
+    prm_name_or_path: str | None = None
+    prm_lora_r: int | None = None
+    prm_lora_alpha: int | None = None
+    # ----- advantages -------------------------------------------------------------------------------------------
+    advantage_estimator: str = "rloo"
+    process_reward_coef: float = 1.0
+    outcome_reward_coef: float = 1.0
+    process_reward_norm: str = "batch"
+    gamma: float = 1.0
+    whiten_advantages: bool = True
+    accuracy_filter: bool = True
+    accuracy_lower_bound: float = 0.2
+    accuracy_upper_bound: float = 0.8
+
+    def __post_init__(self) -> None:
+        # PRIMEConfig's own checks, run on PRIMEConfig's defaults overlaid with these values, so both paths reject
+        # the same settings with the same messages.
+        defaults = {f.name: f.default for f in fields(PRIMEConfig) if f.default is not MISSING}
+        PRIMEConfig._validate_prime_fields(SimpleNamespace(**{**defaults, **asdict(self)}))
+        if self.num_iterations < 1 or self.per_device_train_batch_size < 1:
+            raise ValueError("num_iterations and per_device_train_batch_size must be >= 1.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0 (PRIME samples at 1.0).")
+
+    @classmethod
+    def from_prime_config(cls, config: PRIMEConfig, **overrides) -> PRIMEModuleConfig:
+        """The same-named fields of a `PRIMEConfig` (e.g. one parsed from a prime-trl YAML), then ``overrides``."""
+        values = {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
+        return cls(**{**values, **overrides})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The policy loss (pure)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def clipped_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+) -> torch.Tensor:
+    """TRL's clipped surrogate with per-token advantages and ``loss_type="grpo"`` aggregation (PPO-clip objective).
+
+    ``loss = mean_i [ sum_t mask * -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) / sum_t mask ]`` with
+    ``rho = exp(logps - old_logps)``: a token mean per sequence, then the mean over sequences.
+
+    Args:
+        logps: ``[B, T]`` current policy log-probs (with grad), at the sampling temperature.
+        old_logps: ``[B, T]`` log-probs of the policy that sampled (``logps.detach()`` when on-policy: ratio 1).
+        advantages: ``[B, T]`` per-token advantages (PRIME's) or ``[B, 1]``.
+        mask: ``[B, T]`` completion mask.
+
+    Returns:
+        Scalar loss.
+    """
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One step's completions on this process: ``B_local`` rows, group ``g`` in rows ``g*K .. g*K+K-1``."""
+
+    batch: CompletionBatch
+    prompts: list  # [B_local] the prompt of each row (string or chat messages)
+    completions: list  # [B_local] decoded completions (string, or one assistant message for chat prompts)
+    completion_ids: list[list[int]]  # [B_local] completion tokens up to and including the first EOS
+
+
+class PRIMEModule(pl.LightningModule):
+    """PRIME (Cui et al., 2025, arXiv:2502.01456) as a `LightningModule`; train it with ``lightning.Trainer.fit``.
+
+    Args:
+        model: hub id or local path, a `PreTrainedModel` (wrapped with ``peft_config``), or a `PeftModel` whose policy
+            adapter is named ``default``. The policy must be LoRA.
+        reward_funcs: TRL-style reward functions ``f(prompts, completions, completion_ids, **columns) -> list[float |
+            None]``. The verifier (``config.verifier``, default the first) gives the PRM's labels in [0, 1] and drives
+            the accuracy filter; the weighted sum of all of them (``config.reward_weights``) is the outcome reward.
+        config: `PRIMEModuleConfig` (or build one with `PRIMEModuleConfig.from_prime_config`).
+        peft_config: the policy's `LoraConfig` (required unless ``model`` is a `PeftModel`).
+        prm: ``None`` (a zero-initialised adapter with the policy's LoRA settings: PRM == reference at step 0), a
+            `LoraConfig`, or the directory of a saved PRM adapter (e.g. ``<PRIMETrainer output>/prm``).
+        tokenizer: defaults to the model's.
+        model_init_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` when ``model`` is a string.
+
+    Example:
+        ```python
+        import lightning
+        from peft import LoraConfig
+        from prime_trl.lightning import PRIMEDataModule, PRIMEModule, PRIMEModuleConfig
+        from prime_trl.rewards import math_reward
+
+        module = PRIMEModule("Qwen/Qwen2.5-0.5B-Instruct", math_reward, PRIMEModuleConfig(max_completion_length=1024),
+                             peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        data = PRIMEDataModule(dataset, prompts_per_device=8)  # columns: prompt, answer
+        lightning.Trainer(max_steps=500).fit(module, datamodule=data)
+        ```
+    """
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | PeftModel,
+        reward_funcs: Callable | Sequence[Callable],
+        config: PRIMEModuleConfig | None = None,
+        *,
+        peft_config: LoraConfig | None = None,
+        prm: LoraConfig | str | Path | None = None,
+        tokenizer=None,
+        model_init_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        self.config = config = config if config is not None else PRIMEModuleConfig()
+        self.automatic_optimization = False  # two optimizers, one of them stepped inside the PRM update
+        self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks they are all there
+        self.save_hyperparameters(asdict(config))
+
+        self.reward_funcs = self._check_reward_funcs(reward_funcs)
+        self.reward_func_names = [get_callable_name(func) for func in self.reward_funcs]
+        weights = config.reward_weights or [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions."
+            )
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        self.verifier_index = self._resolve_verifier(config.verifier)
+
+        self.model = self._build_policy(model, peft_config, model_init_kwargs or {})
+        self.tokenizer = self._build_tokenizer(tokenizer)
+        self.prm = self._build_prm(prm if prm is not None else config.prm_name_or_path)
+        self.settings = PRIMESettings.from_config(config)
+        self.generation_config = GenerationConfig(
+            max_new_tokens=config.max_completion_length,
+            do_sample=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            eos_token_id=self.eos_token_ids,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+            disable_compile=True,
+        )
+        # This process's own random stream (CPU + accelerator generator states), used for everything random in a
+        # step and saved in checkpoints; created in on_fit_start, when the process rank is known.
+        self._rng_state: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Set-up
+    # ------------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_reward_funcs(reward_funcs) -> list[Callable]:
+        funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not funcs:
+            raise ValueError("PRIMEModule needs at least one reward function: the verifier that labels completions.")
+        for func in funcs:
+            if isinstance(func, (str, torch.nn.Module)) or not callable(func):
+                raise TypeError(
+                    f"PRIMEModule takes Python reward functions, got {type(func).__name__}. Wrap a reward model in a "
+                    "function that returns one float per completion."
+                )
+        return [_guard_reward_function(func) for func in funcs]
+
+    def _resolve_verifier(self, verifier: str | None) -> int:
+        names = self.reward_func_names
+        if verifier is None:
+            return 0
+        if verifier.isdigit() and int(verifier) < len(names):
+            return int(verifier)
+        if verifier in names:
+            return names.index(verifier)
+        raise ValueError(f"verifier={verifier!r} is not one of the reward functions {names} (name or index).")
+
+    def _build_policy(self, model, peft_config: LoraConfig | None, init_kwargs: dict) -> PeftModel:
+        """The policy as a `PeftModel` with adapter ``default`` trainable and TRL's fused LM head on its base."""
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model, **init_kwargs)
+        if isinstance(model, PeftModel):
+            if peft_config is not None:
+                raise ValueError("Pass either a PeftModel or peft_config, not both.")
+            if POLICY_ADAPTER not in model.peft_config:
+                raise ValueError(
+                    f"The PeftModel's adapters are {list(model.peft_config)}; PRIMEModule trains the adapter named "
+                    "'default' as the policy. Load your policy adapter under the name 'default'."
+                )
+            check_lora_config(model.peft_config[POLICY_ADAPTER], "policy")
+            model.peft_config[POLICY_ADAPTER].inference_mode = False
+            for param in adapter_parameters(model, POLICY_ADAPTER):
+                param.requires_grad_(True)
+        elif peft_config is None:
+            raise ValueError(
+                "PRIMEModule trains a LoRA policy: pass peft_config=LoraConfig(...) or a PeftModel. (For a fully "
+                "fine-tuned policy use PRIMETrainer.)"
+            )
+        else:
+            check_lora_config(peft_config, "policy")
+            model = get_peft_model(model, peft_config)
+        # Per-token log-probs without materialising [B, T, vocab] logits; the head divides by the sampling
+        # temperature, as TRL's policy log-probs do (the PRM uses it only at temperature 1, see _build_prm).
+        add_fused_lm_head(model.get_base_model(), temperature=self.config.temperature)
+        if self.config.gradient_checkpointing:
+            base = model.get_base_model()
+            if hasattr(base, "activation_checkpointing_enable"):  # the newer name; the old one now warns
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        return model
+
+    def _build_tokenizer(self, tokenizer):
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(self.model.get_base_model().config._name_or_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        # As TRL: the model agrees with the tokenizer on padding, and every EOS id the model declares ends a completion.
+        base = self.model.get_base_model()
+        base.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+        base.generation_config.pad_token_id = tokenizer.pad_token_id
+        declared = base.generation_config.eos_token_id
+        declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+        self.eos_token_ids = declared if tokenizer.eos_token_id in declared else [tokenizer.eos_token_id, *declared]
+        return tokenizer
+
+    def _build_prm(self, prm: LoraConfig | str | Path | None) -> ImplicitPRM:
+        """The PRM adapter on the policy's base and its online update, as `PRIMETrainer._build_prm` builds them."""
+        config = self.config
+        default = default_prm_lora_config(
+            self.model.peft_config[POLICY_ADAPTER], config.prm_lora_r, config.prm_lora_alpha
+        )
+        add_prm_adapter(self.model, config.prm_adapter_name, prm, default)
+        if config.disable_dropout:
+            disable_dropout_in_model(self.model)
+        logger.info(
+            "PRIME (Lightning): PRM adapter %r on the policy's base (%d trainable PRM parameters).",
+            config.prm_adapter_name,
+            sum(p.numel() for p in adapter_parameters(self.model, config.prm_adapter_name)),
+        )
+        return ImplicitPRM(
+            self.model,
+            config.prm_adapter_name,
+            beta=config.prime_beta,
+            loss_type=config.prm_loss_type,
+            update_mode=config.prm_update,
+            micro_batch_size=config.prm_micro_batch_size or config.per_device_train_batch_size,
+            num_mini_batches=config.prm_num_mini_batches,
+            max_grad_norm=config.prm_max_grad_norm,
+            # The fused head carries the sampling temperature; PRIME's log-probs are at temperature 1.
+            fused_log_probs=config.temperature == 1.0,
+        )
+
+    def policy_parameters(self) -> list[torch.nn.Parameter]:
+        return adapter_parameters(self.model, POLICY_ADAPTER)
+
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise ValueError(
+                f"precision={precision!r} is not supported: fp16 loss scaling would apply to the policy loss but not to "
+                "the PRM update. Use '32-true' or 'bf16-mixed'."
+            )
+        dataset = getattr(self.trainer.datamodule, "train_dataset", None) if self.trainer.datamodule else None
+        if isinstance(dataset, Sequence) and dataset and isinstance(dataset[0], dict):  # a list of rows
+            dataset = SimpleNamespace(column_names=list(dataset[0]))
+        _check_dataset_columns(dataset, "train_dataset", self.reward_funcs)
+
+    def configure_optimizers(self):
+        """AdamW + schedule for the policy adapter, and the PRM's AdamW + schedule created by `ImplicitPRM` (both
+        returned, so Lightning checkpoints and restores their states)."""
+        config = self.config
+        policy_steps = self._total_policy_steps()
+        optimizer = torch.optim.AdamW(
+            self.policy_parameters(),
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
+        )
+        scheduler = get_scheduler(
+            config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=policy_steps
+        )
+        generations = math.ceil(policy_steps / config.num_iterations) if policy_steps else None
+        self.prm.create_optimizer(
+            config.prm_learning_rate,
+            config.prm_weight_decay,
+            config.prm_lr_scheduler_type,
+            config.prm_warmup_steps,
+            total_steps=max(1, generations * config.prm_num_mini_batches) if generations else None,
+        )
+        return [optimizer, self.prm.optimizer], [scheduler, self.prm.scheduler]
+
+    def _total_policy_steps(self) -> int | None:
+        """Policy optimizer steps of the run (for decaying schedules): ``max_steps``, else Lightning's estimate."""
+        if self._trainer is None:
+            return None
+        if self.trainer.max_steps > 0:
+            return self.trainer.max_steps
+        return int(self.trainer.estimated_stepping_batches) * self.config.num_iterations
+
+    def on_fit_start(self) -> None:
+        if self._rng_state is None:  # not restored from a checkpoint
+            self._init_rng()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # One PRIME step
+    # ------------------------------------------------------------------------------------------------------------
+
+    def training_step(self, rows: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
+        """One PRIME step on this process's prompts ``rows`` (a list of dataset rows with a ``prompt``)."""
+        start = time.perf_counter()
+        with self._own_rng():
+            rollout = self.generate(rows)
+            rewards = self.score_completions(rows, rollout)
+            prime_step = self.compute_advantages(rollout.batch, rewards)
+            policy_metrics = self.policy_update(rollout.batch, prime_step.advantages)
+
+        # PRIME's metrics (filter pass rate, PRM loss / accuracy, implicit rewards) are global already; the policy
+        # loss is this process's and is averaged over processes by sync_dist.
+        num_rows = len(rollout.batch)
+        self.log_dict(prime_step.metrics, on_step=True, on_epoch=False, batch_size=num_rows)
+        self.log_dict(self._reward_metrics(rewards, rollout), on_step=True, on_epoch=False, batch_size=num_rows)
+        self.log_dict(policy_metrics, on_step=True, on_epoch=False, batch_size=num_rows, sync_dist=True)
+        self.log("prime/step_time", time.perf_counter() - start, on_step=True, on_epoch=False, batch_size=num_rows)
+        return torch.tensor(policy_metrics["policy/loss"])
+
+    @torch.no_grad()
+    def generate(self, rows: list[dict[str, Any]]) -> Rollout:
+        """Sample ``K`` completions per prompt with the policy adapter (PRIME_SPEC step 1).
+
+        Prompts are tokenized as TRL does (chat template with the generation prompt for conversational prompts),
+        left-padded; completions are cut after the first EOS and right-padded, ``completion_mask`` is 1 up to and
+        including the first EOS (all ones for a truncated completion).
+        """
+        num_generations = self.config.num_generations
+        prompts = [row["prompt"] for row in rows for _ in range(num_generations)]
+        prompt_ids = [torch.tensor(ids) for ids in self._tokenize_prompts(prompts)]
+        pad_id = self.tokenizer.pad_token_id
+        lengths = torch.tensor([len(ids) for ids in prompt_ids])
+        prompt_width = int(lengths.max())
+        prompt_mask = (torch.arange(prompt_width) >= prompt_width - lengths[:, None]).long()  # left padding
+        input_ids = torch.full(prompt_mask.shape, pad_id)
+        input_ids[prompt_mask.bool()] = torch.cat(prompt_ids)  # row-major: each row's tokens fill its real positions
+        input_ids, prompt_mask = input_ids.to(self.device), prompt_mask.to(self.device)
+
+        with self._generation_mode():
+            sequences = self.model.generate(
+                input_ids=input_ids, attention_mask=prompt_mask, generation_config=self.generation_config
+            )
+        completion_ids = sequences[:, prompt_width:]
+        is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids, device=self.device))
+        eos_index = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion_ids.shape[1])
+        completion_mask = (torch.arange(completion_ids.shape[1], device=self.device) <= eos_index[:, None]).long()
+        width = int(completion_mask.sum(1).max())
+        completion_ids = completion_ids[:, :width].masked_fill(completion_mask[:, :width] == 0, pad_id)
+        completion_mask = completion_mask[:, :width]
+
+        id_lists = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids.cpu(), completion_mask.cpu())]
+        texts = self.tokenizer.batch_decode(id_lists, skip_special_tokens=True)
+        if is_conversational({"prompt": prompts[0]}):
+            # As TRL: a trailing assistant message in the prompt is a prefix the completion continues.
+            completions = [
+                [{"role": "assistant", "content": (p[-1]["content"] if p[-1]["role"] == "assistant" else "") + t}]
+                for p, t in zip(prompts, texts, strict=True)
+            ]
+        else:
+            completions = texts
+        batch = CompletionBatch(input_ids, prompt_mask, completion_ids, completion_mask)
+        return Rollout(batch, prompts, completions, id_lists)
+
+    def score_completions(self, rows: list[dict[str, Any]], rollout: Rollout) -> torch.Tensor:
+        """Every reward function on this process's completions, gathered over processes (PRIME_SPEC step 2).
+
+        Reward functions get ``prompts``, ``completions``, ``completion_ids`` and every other dataset column (one
+        entry per completion). ``None`` scores become NaN, as in TRL.
+
+        Returns:
+            ``[B_global, n_funcs]`` in rank order (process ``p`` holds rows ``p*B_local .. (p+1)*B_local-1``).
+        """
+        num_generations = self.config.num_generations
+        columns = {
+            key: [row[key] for row in rows for _ in range(num_generations)]
+            for key in rows[0]
+            if key not in ("prompt", "completion", "completion_ids")
+        }
+        rewards = torch.full((len(rollout.batch), len(self.reward_funcs)), torch.nan, device=self.device)
+        for index, func in enumerate(self.reward_funcs):
+            scores = func(
+                prompts=rollout.prompts,
+                completions=rollout.completions,
+                completion_ids=rollout.completion_ids,
+                **columns,
+            )
+            if inspect.isawaitable(scores):
+                scores = asyncio.run(scores)
+            rewards[:, index] = torch.tensor([torch.nan if s is None else float(s) for s in scores], device=self.device)
+        return distributed.gather_rows(rewards)
+
+    def compute_advantages(
+        self, batch: CompletionBatch, rewards_per_func: torch.Tensor, train: bool = True
+    ) -> PRIMEStep:
+        """PRIME_SPEC steps 3-6 (filter, PRM update, implicit rewards, advantages) via the shared `prime_advantages`.
+
+        Args:
+            batch: this process's ``B_local`` rows.
+            rewards_per_func: ``[B_global, n_funcs]`` scores of every process's rows (`score_completions`).
+            train: update the PRM and apply the accuracy filter.
+
+        Returns:
+            `PRIMEStep` with ``advantages [B_local, T]`` and the step's metrics. Every process must call this together.
+        """
+        # The verifier's scores label the PRM; the outcome reward is the weighted sum of all reward functions
+        # (exactly as PRIMETrainer._prime_advantages derives them from TRL's rewards_per_func).
+        labels = torch.nan_to_num(rewards_per_func[:, self.verifier_index], nan=0.0).clamp(0.0, 1.0)
+        outcome = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        return prime_advantages(
+            self.prm, batch, labels, outcome, self.settings, self.config.num_generations, train=train
+        )
+
+    def policy_update(self, batch: CompletionBatch, advantages: torch.Tensor) -> dict[str, float]:
+        """Clipped policy loss and ``num_iterations`` policy optimizer steps on the rows (PRIME_SPEC step 7).
+
+        Gradients are accumulated over micro-batches of ``per_device_train_batch_size`` rows, each weighted by its
+        share of the rows so that the step's loss is the mean over all of them; DDP averages it over processes.
+        """
+        config = self.config
+        optimizer = self.optimizers()[0]
+        scheduler = self.lr_schedulers()[0]
+        micro_batches = torch.arange(len(batch), device=self.device).split(config.per_device_train_batch_size)
+        epsilon_high = config.epsilon_high if config.epsilon_high is not None else config.epsilon
+        old_logps = None
+        if config.num_iterations > 1:  # later passes are off-policy: keep the sampling policy's log-probs
+            with torch.no_grad():
+                old_logps = torch.cat([self._policy_log_probs(batch.select(rows)) for rows in micro_batches])
+
+        total_loss, grad_norms = 0.0, []
+        for _ in range(config.num_iterations):
+            for index, rows in enumerate(micro_batches):
+                last = index == len(micro_batches) - 1
+                # Only the last micro-batch's backward all-reduces (DDP); the earlier ones accumulate locally.
+                sync = nullcontext() if last else self._no_backward_sync()
+                with sync:
+                    micro = batch.select(rows)
+                    logps = self._policy_log_probs(micro)
+                    old = logps.detach() if old_logps is None else old_logps[rows]
+                    loss = clipped_policy_loss(
+                        logps,
+                        old,
+                        advantages[rows],
+                        micro.completion_mask.to(logps.dtype),
+                        config.epsilon,
+                        epsilon_high,
+                    )
+                    self.manual_backward(loss * len(rows) / len(batch))
+                total_loss += loss.item() * len(rows) / len(batch) / config.num_iterations
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.policy_parameters(), config.max_grad_norm)))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        return {
+            "policy/loss": total_loss,
+            "policy/grad_norm": sum(grad_norms) / len(grad_norms),
+            "policy/learning_rate": scheduler.get_last_lr()[0],
+        }
+
+    def _policy_log_probs(self, batch: CompletionBatch) -> torch.Tensor:
+        """``[B, T]`` policy log-probs at the sampling temperature (the fused head divides by it), as TRL's loss."""
+        return completion_log_probs(self.model, batch, fused=True)
+
+    def _tokenize_prompts(self, prompts: list) -> list[list[int]]:
+        if is_conversational({"prompt": prompts[0]}):
+            return self.tokenizer.apply_chat_template(
+                prompts,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                **(self.config.chat_template_kwargs or {}),
+            )["input_ids"]
+        return self.tokenizer(text=prompts)["input_ids"]
+
+    def _reward_metrics(self, rewards: torch.Tensor, rollout: Rollout) -> dict[str, float]:
+        """Outcome rewards over the global batch, and completion lengths on this process."""
+        outcome = (rewards * self.reward_weights.to(rewards.device)).nansum(dim=1)
+        lengths = rollout.batch.completion_mask.sum(1).float()
+        metrics = {"reward": outcome.mean().item(), "reward_std": outcome.std().item() if len(outcome) > 1 else 0.0}
+        for index, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"] = torch.nanmean(rewards[:, index]).item()
+        metrics["completions/mean_length"] = lengths.mean().item()
+        # Completions that hit max_completion_length without EOS.
+        truncated = ~torch.isin(rollout.batch.completion_ids, torch.tensor(self.eos_token_ids, device=self.device)).any(
+            1
+        )
+        metrics["completions/clipped_ratio"] = truncated.float().mean().item()
+        return metrics
+
+    @contextmanager
+    def _generation_mode(self) -> Iterator[None]:
+        """Generation with the KV cache: gradient checkpointing (active only in train mode) would disable it."""
+        if not self.config.gradient_checkpointing:
+            yield
+            return
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train()
+
+    def _no_backward_sync(self):
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return block() if block is not None else nullcontext()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The process's own random stream
+    # ------------------------------------------------------------------------------------------------------------
+    # Every random draw of a step (sampling, any dropout) comes from a stream that only training steps advance and
+    # that checkpoints store per process. Data loading and Lightning's internals draw from the global stream at
+    # different moments in a resumed run than in an uninterrupted one, so restoring the global state would not do.
+
+    def _init_rng(self) -> None:
+        with self._fork_rng():
+            torch.manual_seed(self.config.seed + self.global_rank)
+            self._rng_state = self._capture_rng()
+
+    def _fork_rng(self):
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=devices)
+
+    def _capture_rng(self) -> dict[str, torch.Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    @contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        if self._rng_state is None:  # used outside Trainer.fit
+            self._init_rng()
+        with self._fork_rng():
+            torch.set_rng_state(self._rng_state["cpu"])
+            if "cuda" in self._rng_state:
+                torch.cuda.set_rng_state(self._rng_state["cuda"], self.device)
+            yield
+            self._rng_state = self._capture_rng()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checkpoints and export
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _adapter_keys(self) -> set[str]:
+        """Keys of `state_dict` that belong to the policy or PRM adapter (everything else is the frozen base)."""
+        markers = (f".{POLICY_ADAPTER}.", f".{self.config.prm_adapter_name}.")
+        return {key for key in self.state_dict() if any(marker in key for marker in markers)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the adapters, not the frozen base (Lightning adds both optimizers and schedulers itself), and store
+        every process's random stream. Lightning calls this on every process, so the gather below is safe."""
+        keys = self._adapter_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        rng = (
+            {
+                name: distributed.gather_rows(state.to(self.device).unsqueeze(0)).cpu()
+                for name, state in self._rng_state.items()
+            }
+            if self._rng_state
+            else {}
+        )
+        checkpoint["prime"] = {"adapters": [POLICY_ADAPTER, self.config.prm_adapter_name], "rng_states": rng}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(self._adapter_keys() - checkpoint["state_dict"].keys())
+        if missing:
+            raise RuntimeError(
+                f"The checkpoint lacks {len(missing)} adapter weights (e.g. {missing[0]}); it was not written by a "
+                "PRIMEModule with the same LoRA settings and prm_adapter_name."
+            )
+        rng = checkpoint.get("prime", {}).get("rng_states")
+        if rng:
+            saved_world = rng["cpu"].shape[0]
+            if saved_world != self.trainer.world_size:
+                logger.warning(
+                    "The checkpoint was written by %d processes, this run has %d: sampling will not repeat the "
+                    "uninterrupted run exactly.",
+                    saved_world,
+                    self.trainer.world_size,
+                )
+            row = self.global_rank % saved_world
+            self._rng_state = {name: states[row].clone() for name, states in rng.items()}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the policy adapter to ``directory`` and the PRM adapter to ``directory/prm`` (PRIMETrainer's layout:
+        ``PeftModel.from_pretrained(base, directory)``; ``PRIMETrainer(prm=directory / "prm")`` continues the PRM)."""
+        directory = Path(directory)
+        save_adapter(self.model, POLICY_ADAPTER, directory)
+        save_adapter(self.model, self.config.prm_adapter_name, directory / PRM_DIR_NAME)
+        self.tokenizer.save_pretrained(str(directory))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _ResumableSampler(DistributedSampler):
+    """`DistributedSampler` (each process its own share, reshuffled per epoch from ``seed + epoch``) that can start
+    an epoch part-way, so that a run resumed from a mid-epoch checkpoint sees the prompts an uninterrupted run sees."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resume_at: tuple[int, int] | None = None  # (epoch, samples of this process already consumed in it)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            indices = indices[self.resume_at[1] :]
+        self.resume_at = None  # only the first epoch after a resume is partial
+        return iter(indices)
+
+
+class PRIMEDataModule(pl.LightningDataModule):
+    """Prompts for `PRIMEModule`: batches of dataset rows (lists of dicts with ``prompt`` plus the reward functions'
+    columns), i.e. the same data sets `PRIMETrainer` takes (e.g. from ``prime_trl.data``).
+
+    Args:
+        train_dataset: a `datasets.Dataset` or a list of dicts.
+        prompts_per_device: prompts per process per step; each gets ``num_generations`` completions.
+        shuffle, seed: reshuffle every epoch from ``seed + epoch``, identically on every process.
+        num_workers: DataLoader workers.
+
+    Each process reads its own share of every epoch (incomplete last batches are dropped, so all processes take the
+    same number of steps). Its position in the epoch is saved in checkpoints and restored on resume.
+    """
+
+    def __init__(
+        self,
+        train_dataset,
+        prompts_per_device: int = 8,
+        shuffle: bool = True,
+        seed: int = 42,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.train_dataset = train_dataset
+        self.prompts_per_device = prompts_per_device
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_workers = num_workers
+        self._resume_at: tuple[int, int] | None = None  # (epoch, samples of this process consumed in it)
+        self._sampler: _ResumableSampler | None = None
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        if len(self.train_dataset) < self.prompts_per_device * world:
+            raise ValueError(
+                f"train_dataset has {len(self.train_dataset)} rows, fewer than one step needs "
+                f"({self.prompts_per_device} prompts x {world} processes)."
+            )
+        sampler = _ResumableSampler(
+            self.train_dataset, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed, drop_last=True
+        )
+        sampler.resume_at, self._resume_at = self._resume_at, None
+        self._sampler = sampler
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.prompts_per_device,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=list,  # rows stay dicts: prompts may be chat messages, columns arbitrary
+            num_workers=self.num_workers,
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and the batches of it this process has trained on (Lightning's progress counter of the loop)."""
+        if self.trainer is None:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if not state:
+            return
+        resume_at = (state["epoch"], state["batches_done"] * self.prompts_per_device)
+        if self._sampler is not None:  # the loader exists already (strategies that restore after set-up)
+            self._sampler.resume_at = resume_at
+        else:
+            self._resume_at = resume_at
+        # Lightning warns that a mid-epoch resume with a plain DataLoader repeats data; this module restores the
+        # position itself (the sampler skips what was consumed), so the warning would mislead.
+        warnings.filterwarnings(
+            "ignore",
+            message="You're resuming from a checkpoint that ended before the epoch",
+            category=PossibleUserWarning,
+        )
