@@ -50,6 +50,16 @@ class PRIMEStep:
     metrics: dict[str, float]
 
 
+def labels_and_outcome(
+    rewards_per_func: torch.Tensor, verifier_index: int, reward_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From TRL's ``rewards_per_func`` ``[B, n_funcs]`` (NaN where a function gave None): the PRM labels (the
+    verifier's scores, clamped to ``[0, 1]``) and the outcome reward (TRL's weighted sum of all functions)."""
+    labels = torch.nan_to_num(rewards_per_func[:, verifier_index], nan=0.0).clamp(0.0, 1.0)
+    outcome = (rewards_per_func * reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+    return labels, outcome
+
+
 def prime_advantages(
     prm: ImplicitPRM | None,
     batch: CompletionBatch,

@@ -14,6 +14,7 @@ PRM_LOSS_TYPES = ("ce", "dpo")
 PROCESS_REWARD_NORMS = ("batch", "none")
 ADVANTAGE_ESTIMATORS = ("rloo", "grpo", "reinforce")
 RESERVED_ADAPTER_NAMES = ("default", "ref")
+VLLM_SYNC_MODES = ("auto", "merge", "lora")
 
 
 @dataclass
@@ -164,7 +165,11 @@ class PRIMEConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        self._validate_prime_fields()
+        validate_prime_settings(self)
+        if self.vllm_sync_mode not in VLLM_SYNC_MODES:
+            raise ValueError(
+                f"vllm_sync_mode={self.vllm_sync_mode!r} is not supported; choose one of {VLLM_SYNC_MODES}."
+            )
         super().__post_init__()
         if self.process_reward_coef == 0 and self.prm_update != "none":
             logger.info(
@@ -173,44 +178,51 @@ class PRIMEConfig(GRPOConfig):
                 self.prm_update,
             )
 
-    def _validate_prime_fields(self) -> None:
-        def one_of(name: str, allowed: tuple[str, ...]) -> None:
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, allowed))}.")
 
-        one_of("prm_update", PRM_UPDATE_MODES)
-        one_of("prm_loss_type", PRM_LOSS_TYPES)
-        one_of("process_reward_norm", PROCESS_REWARD_NORMS)
-        one_of("advantage_estimator", ADVANTAGE_ESTIMATORS)
-        one_of("vllm_sync_mode", ("auto", "merge", "lora"))
-        if self.prime_beta <= 0:
-            raise ValueError(f"prime_beta={self.prime_beta} must be > 0 (PRIME uses 0.05).")
-        if self.num_generations is not None and self.num_generations < 2 and self.advantage_estimator != "reinforce":
-            raise ValueError(
-                f"num_generations={self.num_generations} but advantage_estimator={self.advantage_estimator!r} uses a "
-                "leave-one-out / group baseline, which needs at least 2 completions per prompt. Set "
-                "num_generations >= 2 (PRIME uses 4)."
-            )
-        if self.prm_adapter_name in RESERVED_ADAPTER_NAMES:
-            raise ValueError(
-                f"prm_adapter_name={self.prm_adapter_name!r} is reserved: 'default' is the policy adapter and TRL reads "
-                "an adapter named 'ref' as its KL reference. Use another name, e.g. 'prm'."
-            )
-        if not self.prm_adapter_name.isidentifier():
-            raise ValueError(f"prm_adapter_name={self.prm_adapter_name!r} must be a Python identifier, e.g. 'prm'.")
-        if not 0.0 <= self.accuracy_lower_bound <= self.accuracy_upper_bound <= 1.0:
-            raise ValueError(
-                "Need 0 <= accuracy_lower_bound <= accuracy_upper_bound <= 1, got "
-                f"[{self.accuracy_lower_bound}, {self.accuracy_upper_bound}]."
-            )
-        if self.prm_num_mini_batches < 1:
-            raise ValueError(f"prm_num_mini_batches={self.prm_num_mini_batches} must be >= 1.")
-        if self.prm_micro_batch_size is not None and self.prm_micro_batch_size < 1:
-            raise ValueError(f"prm_micro_batch_size={self.prm_micro_batch_size} must be >= 1 (or None).")
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"gamma={self.gamma} must be in (0, 1].")
-        if self.process_reward_coef < 0 or self.outcome_reward_coef < 0:
-            raise ValueError("process_reward_coef and outcome_reward_coef must be >= 0.")
-        if self.process_reward_coef == 0 and self.outcome_reward_coef == 0:
-            raise ValueError("process_reward_coef and outcome_reward_coef are both 0: nothing would be learned.")
+def validate_prime_settings(settings) -> None:
+    """Check PRIME's own fields on a `PRIMEConfig` (or any object with the same-named fields, e.g. the
+    Lightning module's config); raises ValueError naming the field and the fix."""
+
+    def one_of(name: str, allowed: tuple[str, ...]) -> None:
+        value = getattr(settings, name)
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, allowed))}.")
+
+    one_of("prm_update", PRM_UPDATE_MODES)
+    one_of("prm_loss_type", PRM_LOSS_TYPES)
+    one_of("process_reward_norm", PROCESS_REWARD_NORMS)
+    one_of("advantage_estimator", ADVANTAGE_ESTIMATORS)
+    if settings.prime_beta <= 0:
+        raise ValueError(f"prime_beta={settings.prime_beta} must be > 0 (PRIME uses 0.05).")
+    if (
+        settings.num_generations is not None
+        and settings.num_generations < 2
+        and settings.advantage_estimator != "reinforce"
+    ):
+        raise ValueError(
+            f"num_generations={settings.num_generations} but advantage_estimator={settings.advantage_estimator!r} uses a "
+            "leave-one-out / group baseline, which needs at least 2 completions per prompt. Set "
+            "num_generations >= 2 (PRIME uses 4)."
+        )
+    if settings.prm_adapter_name in RESERVED_ADAPTER_NAMES:
+        raise ValueError(
+            f"prm_adapter_name={settings.prm_adapter_name!r} is reserved: 'default' is the policy adapter and TRL reads "
+            "an adapter named 'ref' as its KL reference. Use another name, e.g. 'prm'."
+        )
+    if not settings.prm_adapter_name.isidentifier():
+        raise ValueError(f"prm_adapter_name={settings.prm_adapter_name!r} must be a Python identifier, e.g. 'prm'.")
+    if not 0.0 <= settings.accuracy_lower_bound <= settings.accuracy_upper_bound <= 1.0:
+        raise ValueError(
+            "Need 0 <= accuracy_lower_bound <= accuracy_upper_bound <= 1, got "
+            f"[{settings.accuracy_lower_bound}, {settings.accuracy_upper_bound}]."
+        )
+    if settings.prm_num_mini_batches < 1:
+        raise ValueError(f"prm_num_mini_batches={settings.prm_num_mini_batches} must be >= 1.")
+    if settings.prm_micro_batch_size is not None and settings.prm_micro_batch_size < 1:
+        raise ValueError(f"prm_micro_batch_size={settings.prm_micro_batch_size} must be >= 1 (or None).")
+    if not 0.0 < settings.gamma <= 1.0:
+        raise ValueError(f"gamma={settings.gamma} must be in (0, 1].")
+    if settings.process_reward_coef < 0 or settings.outcome_reward_coef < 0:
+        raise ValueError("process_reward_coef and outcome_reward_coef must be >= 0.")
+    if settings.process_reward_coef == 0 and settings.outcome_reward_coef == 0:
+        raise ValueError("process_reward_coef and outcome_reward_coef are both 0: nothing would be learned.")

@@ -28,6 +28,7 @@ __all__ = [
     "rloo_advantages",
     "grpo_prime_advantages",
     "reinforce_prime_advantages",
+    "clipped_policy_loss",
     "accuracy_filter",
     "prm_pairwise_accuracy",
 ]
@@ -297,6 +298,39 @@ def reinforce_prime_advantages(
     process = discounted_returns(process_rewards * mask, gamma)
     advantages = process_coef * process + outcome_coef * scores.to(mask.dtype).unsqueeze(-1) * mask
     return masked_whiten(advantages, mask) if whiten else advantages * mask
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Policy loss (TRL computes it in PRIMETrainer; the Lightning module uses this one)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def clipped_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+) -> torch.Tensor:
+    """TRL's clipped surrogate with per-token advantages and ``loss_type="grpo"`` aggregation (PPO-clip objective).
+
+    ``loss = mean_i [ sum_t mask * -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) / sum_t mask ]`` with
+    ``rho = exp(logps - old_logps)``: a token mean per sequence, then the mean over sequences.
+
+    Args:
+        logps: ``[B, T]`` current policy log-probs (with grad), at the sampling temperature.
+        old_logps: ``[B, T]`` log-probs of the policy that sampled (``logps.detach()`` when on-policy: ratio 1).
+        advantages: ``[B, T]`` per-token advantages (PRIME's) or ``[B, 1]``.
+        mask: ``[B, T]`` completion mask.
+
+    Returns:
+        Scalar loss.
+    """
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
 
 
 # --------------------------------------------------------------------------------------------------------------

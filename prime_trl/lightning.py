@@ -32,7 +32,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -52,26 +52,27 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "prime_trl.lightning needs PyTorch Lightning: pip install 'prime-trl[lightning]' (or pip install lightning)."
     ) from error
 
-from . import distributed
-from .algorithm import PRIMESettings, PRIMEStep, prime_advantages
-from .config import PRIMEConfig
+from . import core, distributed
+from .algorithm import PRIMESettings, PRIMEStep, labels_and_outcome, prime_advantages
+from .config import PRIMEConfig, validate_prime_settings
 from .prm import (
     CompletionBatch,
     ImplicitPRM,
     adapter_parameters,
-    add_prm_adapter,
+    attach_prm_adapter,
     check_lora_config,
     completion_log_probs,
-    default_prm_lora_config,
+    make_implicit_prm,
     save_adapter,
 )
 
 # The reward-function guard and the dataset check are PRIMETrainer's, shared rather than copied.
-from .trainer import PRM_DIR_NAME, _check_dataset_columns, _guard_reward_function
+from .reward_funcs import check_dataset_columns, guard_reward_function, resolve_verifier
+from .trainer import PRM_DIR_NAME
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PRIMEDataModule", "PRIMEModule", "PRIMEModuleConfig", "clipped_policy_loss"]
+__all__ = ["PRIMEDataModule", "PRIMEModule", "PRIMEModuleConfig"]
 
 POLICY_ADAPTER = "default"
 
@@ -148,10 +149,7 @@ class PRIMEModuleConfig:
     accuracy_upper_bound: float = 0.8
 
     def __post_init__(self) -> None:
-        # PRIMEConfig's own checks, run on PRIMEConfig's defaults overlaid with these values, so both paths reject
-        # the same settings with the same messages.
-        defaults = {f.name: f.default for f in fields(PRIMEConfig) if f.default is not MISSING}
-        PRIMEConfig._validate_prime_fields(SimpleNamespace(**{**defaults, **asdict(self)}))
+        validate_prime_settings(self)  # PRIMEConfig's own checks: both paths reject the same settings alike
         if self.num_iterations < 1 or self.per_device_train_batch_size < 1:
             raise ValueError("num_iterations and per_device_train_batch_size must be >= 1.")
         if self.temperature <= 0:
@@ -162,39 +160,6 @@ class PRIMEModuleConfig:
         """The same-named fields of a `PRIMEConfig` (e.g. one parsed from a prime-trl YAML), then ``overrides``."""
         values = {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
         return cls(**{**values, **overrides})
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The policy loss (pure)
-# --------------------------------------------------------------------------------------------------------------
-
-
-def clipped_policy_loss(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-) -> torch.Tensor:
-    """TRL's clipped surrogate with per-token advantages and ``loss_type="grpo"`` aggregation (PPO-clip objective).
-
-    ``loss = mean_i [ sum_t mask * -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) / sum_t mask ]`` with
-    ``rho = exp(logps - old_logps)``: a token mean per sequence, then the mean over sequences.
-
-    Args:
-        logps: ``[B, T]`` current policy log-probs (with grad), at the sampling temperature.
-        old_logps: ``[B, T]`` log-probs of the policy that sampled (``logps.detach()`` when on-policy: ratio 1).
-        advantages: ``[B, T]`` per-token advantages (PRIME's) or ``[B, 1]``.
-        mask: ``[B, T]`` completion mask.
-
-    Returns:
-        Scalar loss.
-    """
-    ratio = torch.exp(logps - old_logps)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * advantages, clipped * advantages)
-    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -267,7 +232,7 @@ class PRIMEModule(pl.LightningModule):
                 f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions."
             )
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
-        self.verifier_index = self._resolve_verifier(config.verifier)
+        self.verifier_index = resolve_verifier(self.reward_func_names, config.verifier)
 
         self.model = self._build_policy(model, peft_config, model_init_kwargs or {})
         self.tokenizer = self._build_tokenizer(tokenizer)
@@ -303,17 +268,7 @@ class PRIMEModule(pl.LightningModule):
                     f"PRIMEModule takes Python reward functions, got {type(func).__name__}. Wrap a reward model in a "
                     "function that returns one float per completion."
                 )
-        return [_guard_reward_function(func) for func in funcs]
-
-    def _resolve_verifier(self, verifier: str | None) -> int:
-        names = self.reward_func_names
-        if verifier is None:
-            return 0
-        if verifier.isdigit() and int(verifier) < len(names):
-            return int(verifier)
-        if verifier in names:
-            return names.index(verifier)
-        raise ValueError(f"verifier={verifier!r} is not one of the reward functions {names} (name or index).")
+        return [guard_reward_function(func) for func in funcs]
 
     def _build_policy(self, model, peft_config: LoraConfig | None, init_kwargs: dict) -> PeftModel:
         """The policy as a `PeftModel` with adapter ``default`` trainable and TRL's fused LM head on its base."""
@@ -367,12 +322,9 @@ class PRIMEModule(pl.LightningModule):
         return tokenizer
 
     def _build_prm(self, prm: LoraConfig | str | Path | None) -> ImplicitPRM:
-        """The PRM adapter on the policy's base and its online update, as `PRIMETrainer._build_prm` builds them."""
+        """The PRM adapter on the policy's base and its online update, built as `PRIMETrainer` builds them."""
         config = self.config
-        default = default_prm_lora_config(
-            self.model.peft_config[POLICY_ADAPTER], config.prm_lora_r, config.prm_lora_alpha
-        )
-        add_prm_adapter(self.model, config.prm_adapter_name, prm, default)
+        attach_prm_adapter(self.model, config, prm)
         if config.disable_dropout:
             disable_dropout_in_model(self.model)
         logger.info(
@@ -380,18 +332,8 @@ class PRIMEModule(pl.LightningModule):
             config.prm_adapter_name,
             sum(p.numel() for p in adapter_parameters(self.model, config.prm_adapter_name)),
         )
-        return ImplicitPRM(
-            self.model,
-            config.prm_adapter_name,
-            beta=config.prime_beta,
-            loss_type=config.prm_loss_type,
-            update_mode=config.prm_update,
-            micro_batch_size=config.prm_micro_batch_size or config.per_device_train_batch_size,
-            num_mini_batches=config.prm_num_mini_batches,
-            max_grad_norm=config.prm_max_grad_norm,
-            # The fused head carries the sampling temperature; PRIME's log-probs are at temperature 1.
-            fused_log_probs=config.temperature == 1.0,
-        )
+        # The fused head carries the sampling temperature; PRIME's log-probs are at temperature 1.
+        return make_implicit_prm(self.model, config, fused_log_probs=config.temperature == 1.0)
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
         return adapter_parameters(self.model, POLICY_ADAPTER)
@@ -406,7 +348,7 @@ class PRIMEModule(pl.LightningModule):
         dataset = getattr(self.trainer.datamodule, "train_dataset", None) if self.trainer.datamodule else None
         if isinstance(dataset, Sequence) and dataset and isinstance(dataset[0], dict):  # a list of rows
             dataset = SimpleNamespace(column_names=list(dataset[0]))
-        _check_dataset_columns(dataset, "train_dataset", self.reward_funcs)
+        check_dataset_columns(dataset, "train_dataset", self.reward_funcs)
 
     def configure_optimizers(self):
         """AdamW + schedule for the policy adapter, and the PRM's AdamW + schedule created by `ImplicitPRM` (both
@@ -552,10 +494,7 @@ class PRIMEModule(pl.LightningModule):
         Returns:
             `PRIMEStep` with ``advantages [B_local, T]`` and the step's metrics. Every process must call this together.
         """
-        # The verifier's scores label the PRM; the outcome reward is the weighted sum of all reward functions
-        # (exactly as PRIMETrainer._prime_advantages derives them from TRL's rewards_per_func).
-        labels = torch.nan_to_num(rewards_per_func[:, self.verifier_index], nan=0.0).clamp(0.0, 1.0)
-        outcome = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        labels, outcome = labels_and_outcome(rewards_per_func, self.verifier_index, self.reward_weights)
         return prime_advantages(
             self.prm, batch, labels, outcome, self.settings, self.config.num_generations, train=train
         )
@@ -586,7 +525,7 @@ class PRIMEModule(pl.LightningModule):
                     micro = batch.select(rows)
                     logps = self._policy_log_probs(micro)
                     old = logps.detach() if old_logps is None else old_logps[rows]
-                    loss = clipped_policy_loss(
+                    loss = core.clipped_policy_loss(
                         logps,
                         old,
                         advantages[rows],

@@ -178,6 +178,39 @@ def add_prm_adapter(
     freeze_adapter(model, adapter_name)
 
 
+def attach_prm_adapter(model: PeftModel, config, prm: LoraConfig | str | Path | None = None) -> None:
+    """Add the PRM adapter ``config.prm_adapter_name`` next to the policy adapter ``default`` of ``model``.
+
+    ``config`` is a `PRIMEConfig` (or anything with its ``prm_*`` fields); a new adapter copies the policy's LoRA
+    settings (see `default_prm_lora_config`).
+    """
+    default_config = default_prm_lora_config(model.peft_config["default"], config.prm_lora_r, config.prm_lora_alpha)
+    add_prm_adapter(model, config.prm_adapter_name, prm, default_config)
+
+
+def make_implicit_prm(
+    host: PeftModel,
+    config,
+    *,
+    fused_log_probs: bool,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> ImplicitPRM:
+    """The online PRM for the adapter ``config.prm_adapter_name`` on ``host``, configured by the same-named
+    fields of a `PRIMEConfig` (or the Lightning module's config)."""
+    return ImplicitPRM(
+        host,
+        config.prm_adapter_name,
+        beta=config.prime_beta,
+        loss_type=config.prm_loss_type,
+        update_mode=config.prm_update,
+        micro_batch_size=config.prm_micro_batch_size or config.per_device_train_batch_size,
+        num_mini_batches=config.prm_num_mini_batches,
+        max_grad_norm=config.prm_max_grad_norm,
+        fused_log_probs=fused_log_probs,
+        autocast=autocast,
+    )
+
+
 def save_adapter(model: PeftModel, adapter_name: str, directory: str | Path) -> None:
     """Write one adapter as a standalone PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``),
     loadable with ``PeftModel.from_pretrained(base, directory)`` or ``model.load_adapter(directory, name)``."""

@@ -9,8 +9,6 @@ PRM update, implicit token rewards and PRIME's per-token advantages, which TRL's
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import logging
 import math
 import os
@@ -25,41 +23,29 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
-from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, get_callable_name
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
-from .algorithm import PRIMESettings, prime_advantages
+from .algorithm import PRIMESettings, labels_and_outcome, prime_advantages
 from .config import PRIMEConfig
 from .prm import (
     CompletionBatch,
     ImplicitPRM,
     adapter_parameters,
-    add_prm_adapter,
+    attach_prm_adapter,
     check_lora_config,
     default_prm_lora_config,
     load_adapter_weights,
+    make_implicit_prm,
     save_adapter,
 )
 from .quantization import is_quantized, protect_4bit_base
+from .reward_funcs import check_dataset_columns, guard_reward_function, resolve_verifier
 from .vllm_sync import LoRAAdapterSync, engine_with_lora, guard_merge_sync, resolve_sync_mode
 
 logger = logging.getLogger(__name__)
 
 PRM_DIR_NAME = "prm"
 PRM_STATE_NAME = "prm_optimizer.pt"
-# Keyword arguments TRL itself passes to every reward function (the rest are dataset columns).
-_TRL_REWARD_KWARGS = {
-    "prompts",
-    "completions",
-    "completion_ids",
-    "trainer_state",
-    "log_extra",
-    "log_metric",
-    "environments",
-}
-
-
-class RewardFunctionError(RuntimeError):
-    """A reward function raised or returned something other than one score per completion."""
 
 
 class PRIMETrainer(GRPOTrainer):
@@ -146,7 +132,7 @@ class PRIMETrainer(GRPOTrainer):
         if not reward_funcs:
             raise ValueError("PRIMETrainer needs at least one reward function: the verifier that labels completions.")
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            _check_dataset_columns(dataset, name, reward_funcs)
+            check_dataset_columns(dataset, name, reward_funcs)
         if peft_config is not None:
             check_lora_config(peft_config, "policy")
         if isinstance(model, PeftModel):
@@ -166,7 +152,7 @@ class PRIMETrainer(GRPOTrainer):
         with vllm_engine:
             super().__init__(
                 model=model,
-                reward_funcs=[_guard_reward_function(func) for func in reward_funcs],
+                reward_funcs=[guard_reward_function(func) for func in reward_funcs],
                 args=args,
                 train_dataset=train_dataset,
                 eval_dataset=eval_dataset,
@@ -179,7 +165,7 @@ class PRIMETrainer(GRPOTrainer):
             )
         self._install_vllm_sync(sync_mode)
         protect_4bit_base(self.model)  # QLoRA on CPU: eval-mode forwards must not repack the base (see module)
-        self.verifier_index = self._resolve_verifier(args.verifier)
+        self.verifier_index = resolve_verifier(self.reward_func_names, args.verifier)
         self.prime_settings = PRIMESettings.from_config(args)
         self.prm = self._build_prm(prm if prm is not None else args.prm_name_or_path)
         self._rewards_per_func: torch.Tensor | None = None
@@ -188,25 +174,13 @@ class PRIMETrainer(GRPOTrainer):
     # Set-up
     # ------------------------------------------------------------------------------------------------------------
 
-    def _resolve_verifier(self, verifier: str | None) -> int:
-        names = self.reward_func_names
-        if verifier is None:
-            return 0
-        if verifier.isdigit() and int(verifier) < len(names):
-            return int(verifier)
-        if verifier in names:
-            return names.index(verifier)
-        raise ValueError(f"verifier={verifier!r} is not one of the reward functions {names} (name or index).")
-
     def _build_prm(self, prm: LoraConfig | str | os.PathLike | None) -> ImplicitPRM:
         """Add the PRM adapter (on the policy's base, or on a frozen copy for a fully fine-tuned policy)."""
         args = self.args
         name = args.prm_adapter_name
         if isinstance(self.model, PeftModel):
             host = self.model
-            policy_config = self.model.peft_config["default"]
-            default_config = default_prm_lora_config(policy_config, args.prm_lora_r, args.prm_lora_alpha)
-            add_prm_adapter(host, name, prm, default_config)
+            attach_prm_adapter(host, args, prm)
             # TRL's fused LM head divides by the sampling temperature; PRIME's log-probs are at temperature 1.
             fused = self.temperature == 1.0
         else:
@@ -214,25 +188,13 @@ class PRIMETrainer(GRPOTrainer):
             fused = True
         if args.disable_dropout:
             disable_dropout_in_model(host)
-        micro_batch_size = args.prm_micro_batch_size or args.per_device_train_batch_size
         logger.info(
             "PRIME: PRM adapter %r on %s (%d trainable PRM parameters).",
             name,
             "the policy's base" if host is self.model else "a frozen copy of the initial model",
             sum(p.numel() for p in adapter_parameters(host, name)),
         )
-        return ImplicitPRM(
-            host,
-            name,
-            beta=args.prime_beta,
-            loss_type=args.prm_loss_type,
-            update_mode=args.prm_update,
-            micro_batch_size=micro_batch_size,
-            num_mini_batches=args.prm_num_mini_batches,
-            max_grad_norm=args.prm_max_grad_norm,
-            fused_log_probs=fused,
-            autocast=self.accelerator.autocast,
-        )
+        return make_implicit_prm(host, args, fused_log_probs=fused, autocast=self.accelerator.autocast)
 
     def _frozen_copy_with_prm(self, prm: LoraConfig | str | os.PathLike | None, name: str) -> PeftModel:
         """Full fine-tune policy: the PRM is a LoRA adapter on one frozen copy of the initial model, which with
@@ -323,9 +285,7 @@ class PRIMETrainer(GRPOTrainer):
     def _prime_advantages(self, batch: CompletionBatch, rewards_per_func: torch.Tensor, mode: str) -> torch.Tensor:
         """Per-token advantages ``[B_local, T_local]`` for this process's rows (PRIME_SPEC.md section 2, 3-6)."""
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        # The verifier's scores label the PRM; the outcome reward is TRL's weighted sum of all reward functions.
-        labels = torch.nan_to_num(rewards_per_func[:, self.verifier_index], nan=0.0).clamp(0.0, 1.0)
-        outcome = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        labels, outcome = labels_and_outcome(rewards_per_func, self.verifier_index, self.reward_weights)
         step = prime_advantages(self.prm, batch, labels, outcome, self.prime_settings, group_size, mode == "train")
         for name, value in step.metrics.items():
             self._metrics[mode][name].append(value)
@@ -384,98 +344,3 @@ class PRIMETrainer(GRPOTrainer):
                 except Exception:  # the original error matters more than a failed rescue
                     logger.exception("Could not write the rescue checkpoint.")
             raise
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Input checks
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _check_dataset_columns(dataset, name: str, reward_funcs: list) -> None:
-    """Fail before any work when the dataset lacks ``prompt`` or a column a reward function requires."""
-    if dataset is None:
-        return
-    if isinstance(dataset, dict):
-        for split, part in dataset.items():
-            _check_dataset_columns(part, f"{name}[{split!r}]", reward_funcs)
-        return
-    columns = getattr(dataset, "column_names", None)
-    if columns is None:  # e.g. an IterableDataset without known features: checked when the first batch arrives
-        return
-    if "prompt" not in columns:
-        raise ValueError(
-            f"{name} has no 'prompt' column (columns: {columns}). PRIMETrainer needs a 'prompt' column of strings or "
-            "chat messages; rename yours, e.g. dataset.rename_column('question', 'prompt'), or build the dataset "
-            "with prime_trl.data."
-        )
-    for func in reward_funcs:
-        if not callable(func) or isinstance(func, torch.nn.Module):
-            continue
-        for param in inspect.signature(func).parameters.values():
-            required = param.default is inspect.Parameter.empty and param.kind in (
-                inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                inspect.Parameter.KEYWORD_ONLY,
-            )
-            if required and param.name not in _TRL_REWARD_KWARGS and param.name not in columns:
-                raise ValueError(
-                    f"Reward function {get_callable_name(func)!r} needs a dataset column {param.name!r}, but {name} "
-                    f"has columns {columns}. Add the column (or rename an existing one to {param.name!r})."
-                )
-
-
-def _check_rewards(name: str, rewards: Any, num_completions: int) -> list[float | None]:
-    if not isinstance(rewards, (list, tuple)) and not (isinstance(rewards, torch.Tensor) and rewards.dim() == 1):
-        raise RewardFunctionError(
-            f"Reward function {name!r} returned {type(rewards).__name__}; it must return a list with one float "
-            f"(or None) per completion ({num_completions} here)."
-        )
-    rewards = rewards.tolist() if isinstance(rewards, torch.Tensor) else list(rewards)
-    if len(rewards) != num_completions:
-        raise RewardFunctionError(
-            f"Reward function {name!r} returned {len(rewards)} rewards for {num_completions} completions; it must "
-            "return exactly one reward per completion, in order."
-        )
-    bad = [r for r in rewards if r is not None and not isinstance(r, (int, float))]
-    if bad:
-        raise RewardFunctionError(f"Reward function {name!r} returned non-numeric rewards, e.g. {bad[0]!r}.")
-    return rewards
-
-
-def _guard_reward_function(func):
-    """Wrap a reward function so that a crash or a malformed return names the function and what went wrong."""
-    if not callable(func) or isinstance(func, (str, torch.nn.Module)):
-        return func
-    name = get_callable_name(func)
-
-    def explain(error: Exception, kwargs: dict) -> RewardFunctionError:
-        columns = sorted(k for k in kwargs if k not in _TRL_REWARD_KWARGS)
-        return RewardFunctionError(
-            f"Reward function {name!r} raised {type(error).__name__}: {error} (while scoring "
-            f"{len(kwargs.get('completions', []))} completions; dataset columns passed: {columns})."
-        )
-
-    if inspect.iscoroutinefunction(func):
-
-        async def guarded(*args, **kwargs):
-            try:
-                rewards = await func(*args, **kwargs)
-            except RewardFunctionError:
-                raise
-            except Exception as error:
-                raise explain(error, kwargs) from error
-            return _check_rewards(name, rewards, len(kwargs["completions"]))
-
-    else:
-
-        def guarded(*args, **kwargs):
-            try:
-                rewards = func(*args, **kwargs)
-            except RewardFunctionError:
-                raise
-            except Exception as error:
-                raise explain(error, kwargs) from error
-            return _check_rewards(name, rewards, len(kwargs["completions"]))
-
-    functools.update_wrapper(guarded, func)
-    guarded.__name__ = name
-    return guarded

@@ -153,6 +153,20 @@ def test_prm_pairwise_accuracy_hand_computed():
     assert core.prm_pairwise_accuracy(rewards, scores, 3) == pytest.approx((0.5 + 1.0 + 0.5) / 3)
 
 
+def test_clipped_policy_loss():
+    logps = torch.log(torch.tensor([[0.5, 0.5, 0.1], [0.2, 0.2, 0.2]]))
+    old = torch.log(torch.tensor([[0.25, 0.5, 0.1], [0.4, 0.2, 0.2]]))  # ratios [[2, 1, 1], [0.5, 1, 1]]
+    adv = torch.tensor([[1.0, -1.0, 5.0], [-2.0, 3.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    # Row 0: -min(2*1, 1.2*1) = -1.2 and +1 -> mean -0.1. Row 1: -min(0.5*-2, 0.8*-2) = 1.6, -3, 0 -> mean -1.4/3.
+    expected = (-0.1 + (1.6 - 3.0) / 3) / 2
+    assert core.clipped_policy_loss(logps, old, adv, mask).item() == pytest.approx(expected, rel=1e-6)
+    # On-policy (ratio 1) the gradient is the policy gradient: -A * mask / L per token, averaged over rows.
+    logps = logps.clone().requires_grad_(True)
+    core.clipped_policy_loss(logps, logps.detach(), adv, mask).backward()
+    torch.testing.assert_close(logps.grad, -adv * mask / mask.sum(1, keepdim=True) / 2)
+
+
 def _reference_rloo(scores, mask, group_size):
     """Outcome-only RLOO written independently: a_i - mean_{j != i} a_j on every valid token, then whitened."""
     grouped = scores.view(-1, group_size)

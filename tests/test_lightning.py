@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from prime_trl import PRIMEConfig, PRIMETrainer  # noqa: E402
-from prime_trl.lightning import PRIMEDataModule, PRIMEModule, PRIMEModuleConfig, clipped_policy_loss  # noqa: E402
+from prime_trl.lightning import PRIMEDataModule, PRIMEModule, PRIMEModuleConfig  # noqa: E402
 from prime_trl.prm import CompletionBatch  # noqa: E402
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
@@ -348,20 +348,6 @@ def test_policy_log_probs_use_sampling_temperature_prm_does_not(tiny_model_dir):
     mask = batch.completion_mask.bool()
     torch.testing.assert_close(actual[mask], expected[mask], rtol=1e-5, atol=1e-5)
     assert module.prm.fused_log_probs is False  # the fused head carries T=0.5; the PRM must score at T=1
-
-
-def test_clipped_policy_loss():
-    logps = torch.log(torch.tensor([[0.5, 0.5, 0.1], [0.2, 0.2, 0.2]]))
-    old = torch.log(torch.tensor([[0.25, 0.5, 0.1], [0.4, 0.2, 0.2]]))  # ratios [[2, 1, 1], [0.5, 1, 1]]
-    adv = torch.tensor([[1.0, -1.0, 5.0], [-2.0, 3.0, 0.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    # Row 0: -min(2*1, 1.2*1) = -1.2 and +1 -> mean -0.1. Row 1: -min(0.5*-2, 0.8*-2) = 1.6, -3, 0 -> mean -1.4/3.
-    expected = (-0.1 + (1.6 - 3.0) / 3) / 2
-    assert clipped_policy_loss(logps, old, adv, mask).item() == pytest.approx(expected, rel=1e-6)
-    # On-policy (ratio 1) the gradient is the policy gradient: -A * mask / L per token, averaged over rows.
-    logps = logps.clone().requires_grad_(True)
-    clipped_policy_loss(logps, logps.detach(), adv, mask).backward()
-    torch.testing.assert_close(logps.grad, -adv * mask / mask.sum(1, keepdim=True) / 2)
 
 
 def test_config_mapping_and_validation():

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from prime_trl import PRIMEConfig, PRIMETrainer
 from prime_trl.prm import CompletionBatch
-from prime_trl.trainer import RewardFunctionError
+from prime_trl.reward_funcs import RewardFunctionError
 
 
 def coin_reward(completions, answer, **kwargs):
