@@ -31,9 +31,13 @@ from pathlib import Path
 
 SIZES = {
     # the demo model's shape (prime_trl.demo.model.ModelConfig), byte-level vocabulary
-    "demo": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512, completion=48, prompts=4),
+    "demo": dict(
+        hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512, completion=48, prompts=4
+    ),
     # ~71M parameters: model compute no longer negligible next to Python overhead
-    "large": dict(hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=4, intermediate_size=3072, completion=96, prompts=2),
+    "large": dict(
+        hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=4, intermediate_size=3072, completion=96, prompts=2
+    ),
 }
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -269,7 +273,10 @@ def main() -> None:
     for index in range(options.rounds):
         runs = {v: run_variant(v, options.size, options.steps, options.warmup, model_dir) for v in variants}
         rounds.append(runs)
-        print(f"round {index + 1}: " + ", ".join(f"{v} {r['step_seconds']:.2f}s {r['peak_mem_mb']:.0f}MB" for v, r in runs.items()))
+        print(
+            f"round {index + 1}: "
+            + ", ".join(f"{v} {r['step_seconds']:.2f}s {r['peak_mem_mb']:.0f}MB" for v, r in runs.items())
+        )
 
     def ratios(a: str, b: str, key: str) -> dict:
         return summarise([r[a][key] / r[b][key] for r in rounds])
