@@ -56,8 +56,8 @@ def build_tokenizer(alphabet: str | None = None, chat_template: str | None = CHA
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         additional_special_tokens=[BOS_TOKEN],
+        padding_side="left",  # a constructor argument, so save_pretrained records it
     )
-    tokenizer.padding_side = "left"
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
