@@ -118,6 +118,10 @@ def prime_advantages(
     metrics.update(_reward_metrics(all_rewards, mask, labels, kept_rows, group_size))
     if mask.sum() == 0:  # every group filtered out: nothing to learn from this batch
         return PRIMEStep(torch.zeros_like(token_rewards), token_rewards, metrics)
+    if group_size < 2 and settings.advantage_estimator != "reinforce":
+        # Only evaluation can get here (num_generations_eval=1): no baseline exists, and the eval loss is a
+        # by-product anyway; the PRM metrics above are what evaluation is for.
+        return PRIMEStep(torch.zeros_like(token_rewards), token_rewards, metrics)
     if settings.process_reward_norm == "batch":
         process_rewards = core.normalize_process_rewards(all_rewards, mask)
     else:

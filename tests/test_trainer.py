@@ -258,3 +258,23 @@ def test_args_must_be_prime_config(tiny_model_dir):
         PRIMETrainer(
             tiny_model_dir, args=GRPOConfig(output_dir="x", use_cpu=True, bf16=False), reward_funcs=coin_reward
         )
+
+
+@pytest.mark.parametrize("generations_eval", [None, 1])
+def test_evaluation_scores_with_prm_but_never_updates_it(tiny_model_dir, tmp_path, generations_eval):
+    trainer = PRIMETrainer(
+        tiny_model_dir,
+        args=make_args(tmp_path, per_device_eval_batch_size=4, num_generations_eval=generations_eval),
+        reward_funcs=coin_reward,
+        train_dataset=make_dataset(),
+        eval_dataset=make_dataset(8),
+        peft_config=LoraConfig(**LORA),
+    )
+    trainer.train()
+    prm_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".prm." in n}
+    metrics = trainer.evaluate()
+    assert "eval_prm/accuracy" in metrics and "eval_filter/pass_rate" in metrics
+    assert metrics["eval_filter/pass_rate"] == 1.0  # no accuracy filter at evaluation
+    for name, param in trainer.model.named_parameters():
+        if ".prm." in name:
+            assert torch.equal(param, prm_before[name]), "evaluation must not train the PRM"
