@@ -79,13 +79,21 @@ _FILES: dict[tuple[str, str], tuple[str, str, str | None, str]] = {
 }
 
 
+# Where this project's build machines keep the shared data sets (a checkout may live elsewhere, e.g. in /tmp).
+_WORKSPACE_DATA_DIR = Path("/work/shared/data")
+
+
 def default_data_dir() -> Path | None:
-    """``$PRIME_TRL_DATA_DIR`` if set, else ``../shared/data`` relative to the repository, if it exists."""
+    """``$PRIME_TRL_DATA_DIR`` if set, else the first ``shared/data`` found beside the repository or one of its
+    parent directories (``../shared/data`` for the usual layout), else the build machines' copy, if any."""
     env = os.environ.get("PRIME_TRL_DATA_DIR")
     if env:
         return Path(env)
-    candidate = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return candidate if candidate.is_dir() else None
+    repository = Path(__file__).resolve().parents[1]
+    for candidate in [parent / "shared" / "data" for parent in repository.parents] + [_WORKSPACE_DATA_DIR]:
+        if candidate.is_dir():
+            return candidate
+    return None
 
 
 def make_prompt(question: str, task: str, system_prompt: bool = True) -> list[dict[str, str]]:

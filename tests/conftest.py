@@ -19,16 +19,21 @@ import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not SHARED_DATA.is_dir():  # a fresh clone elsewhere: allow pointing at the data explicitly
-    SHARED_DATA = Path(os.environ.get("PRIME_TRL_DATA_DIR", SHARED_DATA))
+from prime_trl.data import default_data_dir  # noqa: E402
+
+SHARED_DATA = default_data_dir()
+
+
+def pytest_report_header(config):
+    found = SHARED_DATA if SHARED_DATA is not None and SHARED_DATA.is_dir() else "NOT FOUND (data tests skip)"
+    return f"prime-trl shared data sets: {found}"
 
 
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """Directory with the real data sets (GSM8K, MATH, ...); tests that need it skip when it is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data directory {SHARED_DATA} not found (set PRIME_TRL_DATA_DIR)")
+    if SHARED_DATA is None or not SHARED_DATA.is_dir():
+        pytest.skip("shared data directory not found (set PRIME_TRL_DATA_DIR)")
     return SHARED_DATA
 
 

@@ -199,7 +199,9 @@ def _run_cases(solution, job, line, write_all, exit_now, devnull) -> None:
         output = os.pread(stdout_fd, max_output + 1, 0)
         os.close(stdin_fd)
         os.close(stdout_fd)
-        if status is None:
+        # On a loaded machine the CPU limit (SIGXCPU, then SIGKILL) can strike before this wall-clock wait
+        # notices the deadline: either way the case ran out of time.
+        if status is None or (os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGXCPU, signal.SIGKILL)):
             outcome = "timeout"
         elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
             outcome = "ok"
