@@ -136,8 +136,9 @@ def test_full_finetune_policy_puts_prm_on_one_frozen_copy(tiny_model_dir, tmp_pa
         dict(prm_update="double", prm_loss_type="dpo", prm_num_mini_batches=2, max_steps=2),
         dict(advantage_estimator="grpo", max_steps=1),
         dict(advantage_estimator="reinforce", max_steps=1, beta=0.04),
+        dict(bf16=True, gradient_checkpointing=True, max_steps=2),  # TRL's own defaults
     ],
-    ids=["ga-spg-iterations", "double-dpo-minibatches", "grpo", "reinforce-kl"],
+    ids=["ga-spg-iterations", "double-dpo-minibatches", "grpo", "reinforce-kl", "bf16-checkpointing"],
 )
 def test_variants_update_prm_once_per_generation(tiny_model_dir, tmp_path, overrides):
     trainer = make_trainer(tiny_model_dir, tmp_path, accuracy_filter=False, **overrides)
