@@ -7,7 +7,12 @@ base, and the reference that base with adapters disabled.
 `prime_trl.rewards`, `prime_trl.data`) do not pull in TRL.
 """
 
+import logging
 from typing import TYPE_CHECKING
+
+# bitsandbytes (imported by transformers / peft) warns on every CPU start that an optional Hub kernel package is
+# missing; it is harmless (its pure-torch path is used) and would otherwise open every prime-trl command.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,343 @@
+"""The `prime-trl` command line: help, config parsing and its errors, launching, and end-to-end runs on CPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prime_trl import cli
+from prime_trl.cli import main, parse_train_args
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+# ----- help and usage errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["score"], ["demo"]])
+def test_help_works_for_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: prime-trl")
+    expected = {
+        (): ["train", "eval", "score", "demo"],
+        ("train",): [
+            "--prime_beta",
+            "--prm_learning_rate",
+            "--use_peft",
+            "--lora_r",
+            "--load_in_4bit",
+            "--datasets",
+            "--reward_funcs",
+            "--num_generations",
+        ],
+        ("eval",): ["--adapter", "--num_samples", "--backend"],
+        ("score",): ["--prm", "--step_split", "--aggregate"],
+        ("demo",): ["--steps", "--seed", "--output_dir", "--quick"],
+    }[tuple(command)]
+    for flag in expected:
+        assert flag in out
+
+
+def test_console_script_is_installed():
+    """pyproject's [project.scripts] entry point runs `prime_trl.cli:main`."""
+    script = Path(sys.executable).with_name("prime-trl")
+    assert script.exists()
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "score" in result.stdout
+
+
+def test_unknown_command_is_named_with_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["trian"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'trian'" in err and "Did you mean 'train'?" in err
+
+
+# ----- configs ------------------------------------------------------------------------------------------------
+
+
+def test_configs_exist():
+    names = {path.name for path in CONFIGS}
+    assert {
+        "demo_cpu.yaml",
+        "qwen2.5-0.5b-gsm8k-qlora.yaml",
+        "qwen2.5-1.5b-math-lora.yaml",
+        "eurus-2-7b-prime.yaml",
+    } <= names
+    assert (REPO / "configs" / "accelerate" / "multi_gpu_8.yaml").is_file()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
+def test_every_config_parses_into_the_dataclasses(config):
+    # GPU configs ask for bf16, which TrainingArguments checks against the hardware: parse them as on a CPU box.
+    script_args, training_args, model_args, dataset_args, launch_args, _ = parse_train_args(
+        ["--config", str(config), "--use_cpu", "true"]
+    )
+    assert launch_args == []
+    assert model_args.model_name_or_path and script_args.dataset_name and script_args.reward_funcs
+    assert model_args.use_peft and model_args.lora_target_modules == "all-linear"
+    assert training_args.num_generations == 4 and training_args.prime_beta == 0.05
+    header = config.read_text().split("\n\n")[0]
+    for word in ("Hardware", "Memory", "Data", "Launch", "prime-trl train --config configs/" + config.name):
+        assert word in header, f"{config.name}: header lacks {word!r}"
+    if config.name != "demo_cpu.yaml":
+        assert training_args.bf16 and training_args.gradient_checkpointing
+    if "qlora" in config.name:
+        assert model_args.load_in_4bit
+    if config.name == "eurus-2-7b-prime.yaml":
+        assert training_args.fsdp and training_args.fsdp_config["version"] == 2
+        assert "not run here" in header.lower()
+
+
+def test_cli_flags_override_config_values():
+    _, training_args, model_args, _, _, _ = parse_train_args(
+        ["--config", str(REPO / "configs/demo_cpu.yaml"), "--max_steps", "3", "--lora_r", "4"]
+    )
+    assert training_args.max_steps == 3 and model_args.lora_r == 4
+
+
+def run_main(argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_misspelled_yaml_key_fails_naming_it(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text((REPO / "configs/demo_cpu.yaml").read_text() + "\nprm_learnig_rate: 0.1\n")
+    code, err = run_main(["train", "--config", str(config)], capsys)
+    assert code == 2
+    assert "unknown key 'prm_learnig_rate'" in err and str(config) in err
+    assert "Did you mean 'prm_learning_rate'?" in err
+
+    config = tmp_path / "eval.yaml"  # every subcommand takes --config, with the same check
+    config.write_text("model: m\ndata: math500\nnum_sampels: 4\n")
+    code, err = run_main(["eval", "--config", str(config)], capsys)
+    assert code == 2 and "unknown key 'num_sampels'" in err and "Did you mean 'num_samples'?" in err
+
+
+def test_misspelled_flag_fails_naming_it(capsys):
+    code, err = run_main(["train", "--config", str(REPO / "configs/demo_cpu.yaml"), "--lerning_rate", "1"], capsys)
+    assert code == 2 and "unknown argument --lerning_rate" in err and "--learning_rate" in err
+    code, err = run_main(["eval", "--model", "m", "--data", "math500", "--num_sample", "4x"], capsys)
+    assert code == 2 and "--num_sample" in err
+
+
+def test_invalid_value_fails_with_the_fields_own_message(capsys):
+    code, err = run_main(
+        ["train", "--config", str(REPO / "configs/demo_cpu.yaml"), "--prm_update", "sometimes"], capsys
+    )
+    assert code == 2 and "prm_update='sometimes'" in err
+
+
+def test_missing_config_file(capsys):
+    code, err = run_main(["train", "--config", "configs/nope.yaml"], capsys)
+    assert code == 2 and "nope.yaml" in err
+
+
+# ----- launching through accelerate ---------------------------------------------------------------------------
+
+
+def test_launch_options_are_split_off_and_values_kept(monkeypatch):
+    argv = ["--config", str(REPO / "configs/demo_cpu.yaml"), "--num_processes", "2", "--max_steps", "2"]
+    *_, launch_args, script_argv = parse_train_args(argv)
+    assert launch_args == ["--num_processes", "2"]
+    # A plain set difference would also drop the "2" of --max_steps.
+    assert script_argv == ["--config", str(REPO / "configs/demo_cpu.yaml"), "--max_steps", "2"]
+
+    captured = {}
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", lambda args: captured.setdefault("args", args))
+    monkeypatch.setenv(cli._LAUNCHED_ENV, "0")  # launch() sets it to 1; monkeypatch restores the original
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main(["train", *argv]) == 0
+    args = captured["args"]
+    assert args.multi_gpu and args.num_processes == 2  # torchrun launcher: N processes also on CPU
+    assert args.module and args.training_script == "prime_trl.cli"
+    assert args.training_script_args == ["train", *script_argv]
+
+
+def test_accelerate_config_file_is_passed_through(monkeypatch):
+    captured = {}
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", lambda args: captured.setdefault("args", args))
+    monkeypatch.setenv(cli._LAUNCHED_ENV, "0")
+    cli.launch(["--accelerate_config", str(REPO / "configs/accelerate/multi_gpu_8.yaml")], ["--config", "x.yaml"])
+    args = captured["args"]
+    assert args.config_file.endswith("multi_gpu_8.yaml") and not args.multi_gpu  # the file decides the mode
+    assert args.training_script_args == ["train", "--config", "x.yaml"]
+
+
+def test_reward_function_resolution(tmp_path, monkeypatch):
+    from prime_trl.rewards import code_reward, math_reward, verifier
+
+    assert cli.resolve_reward_funcs(["math", "code"], [], None) == [math_reward, code_reward]
+    assert cli.resolve_reward_funcs(None, ["prompt", "task", "answer"], "gsm8k") == [verifier]
+    assert cli.resolve_reward_funcs(None, ["prompt", "answer"], "data.jsonl") == [math_reward]
+    (tmp_path / "my_rewards.py").write_text("def short(completions, **kw):\n    return [0.0] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.resolve_reward_funcs(["my_rewards.short"], [], None)[0].__name__ == "short"
+    with pytest.raises(cli.CLIError, match="unknown reward function 'mth'"):
+        cli.resolve_reward_funcs(["mth"], [], None)
+    with pytest.raises(cli.CLIError, match="my_rewards.nope"):
+        cli.resolve_reward_funcs(["my_rewards.nope"], [], None)
+    with pytest.raises(cli.CLIError, match="reward_funcs"):
+        cli.resolve_reward_funcs(None, ["prompt"], "x.jsonl")
+
+
+def test_prime_demo_model_resolves_to_the_cached_warm_start(monkeypatch, tmp_path):
+    import prime_trl.demo.warmstart as warmstart
+
+    monkeypatch.setattr(warmstart, "get_warm_start", lambda seed=0: tmp_path / f"warm-{seed}")
+    training_args = parse_train_args(["--config", str(REPO / "configs/demo_cpu.yaml"), "--seed", "3"])[1]
+    assert cli.resolve_model("prime-demo", training_args) == str(tmp_path / "warm-3")
+    assert cli.resolve_model("org/model", training_args) == "org/model"
+    # `prime-trl demo` writes adapters to ./prime-demo: that directory is not a model and must not shadow the name.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prime-demo").mkdir()
+    (tmp_path / "prime-demo" / "adapter_config.json").write_text("{}")
+    assert cli.resolve_model("prime-demo", training_args) == str(tmp_path / "warm-3")
+
+
+# ----- end to end on CPU ---------------------------------------------------------------------------------------
+
+
+def test_train_demo_config_end_to_end(tmp_path, capsys):
+    """The CPU config with the random tiny model: trains, saves the policy adapter at the root and the PRM in prm/."""
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--config",
+            str(REPO / "configs/demo_cpu.yaml"),
+            "--model_name_or_path",
+            "tiny",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--dataset_limit",
+            "64",
+            "--logging_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "16",
+            "--max_completion_length",
+            "24",
+        ]
+    )
+    assert code == 0
+    for path in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "prm/adapter_config.json",
+        "prm/adapter_model.safetensors",
+        "base_model/config.json",
+        "tokenizer_config.json",
+    ):
+        assert (out / path).is_file(), path
+    assert json.loads((out / "prm/adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        out / "base_model"
+    )
+    assert "Training done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("data, expect_maj", [("math500", True), ("humaneval", False)])
+def test_eval_end_to_end_on_benchmark_slices(
+    data, expect_maj, tiny_model_dir, shared_data_dir, tmp_path, capsys, monkeypatch
+):
+    if data == "humaneval":
+        from prime_trl.rewards import bwrap_status
+
+        if not bwrap_status()[0]:
+            pytest.skip("bubblewrap sandbox unavailable for the code verifier")
+    monkeypatch.setenv("PRIME_TRL_DATA_DIR", str(shared_data_dir))
+    out = tmp_path / data
+    code = main(
+        [
+            "eval",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            data,
+            "--limit",
+            "2",
+            "--no_system_prompt",
+            "--max_new_tokens",
+            "12",
+            "--num_samples",
+            "2",
+            "--output_dir",
+            str(out),
+            "--backend",
+            "hf",
+        ]
+    )
+    assert code == 0
+    records = [json.loads(line) for line in open(out / "predictions.jsonl")]
+    assert len(records) == 2 * (1 + 2)  # greedy + 2 samples per problem
+    assert {r["mode"] for r in records} == {"greedy", "sample"}
+    for record in records:
+        assert record["task"] == ("math" if data == "math500" else "code")
+        assert 0.0 <= record["score"] <= 1.0 and record["correct"] == (record["score"] == 1.0)
+        assert 1 <= record["num_tokens"] <= 12
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_problems"] == 2
+    assert {"pass@1 (greedy)", "pass@1", "pass@2"} <= set(summary["metrics"])
+    assert ("maj@2" in summary["metrics"]) == expect_maj
+    printed = capsys.readouterr().out
+    assert "| pass@1 (greedy) |" in printed
+
+
+def test_demo_subcommand_calls_the_runner(monkeypatch):
+    """`prime-trl demo` forwards its options to prime_trl.demo.run.run_demo (imported on use)."""
+    import types
+
+    calls = []
+    module = types.ModuleType("prime_trl.demo.run")
+    module.run_demo = lambda **kwargs: calls.append(kwargs)
+    monkeypatch.setitem(sys.modules, "prime_trl.demo.run", module)
+    assert main(["demo", "--steps", "7", "--seed", "2", "--output_dir", "d", "--quick"]) == 0
+    assert main(["demo", "--hard"]) == 0  # unset options are left to the runner's defaults
+    assert calls == [
+        {"steps": 7, "seed": 2, "output_dir": "d", "quick": True},
+        {"seed": 0, "quick": False, "hard": True},
+    ]
+
+
+@pytest.mark.slow
+def test_train_two_processes_on_cpu(tmp_path):
+    """`--num_processes 2` really starts two processes (torchrun + gloo) on a machine without GPUs."""
+    # A reward function from the working directory (dotted path) that records which rank called it.
+    (tmp_path / "rank_probe.py").write_text(
+        "import os, pathlib\n"
+        "def record(completions, **kwargs):\n"
+        "    pathlib.Path(f\"rank-{os.environ.get('RANK', 'none')}\").touch()\n"
+        "    return [0.0] * len(completions)\n"
+    )
+    out = tmp_path / "ddp"
+    command = [
+        str(Path(sys.executable).with_name("prime-trl")),
+        "train",
+        "--config",
+        str(REPO / "configs/demo_cpu.yaml"),
+    ]
+    command += ["--model_name_or_path", "tiny", "--output_dir", str(out), "--max_steps", "1", "--dataset_limit", "32"]
+    command += ["--per_device_train_batch_size", "8", "--max_completion_length", "16"]
+    command += ["--num_processes", "2", "--main_process_port", "0", "--reward_funcs", "demo", "rank_probe.record"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=300)  # a healthy run takes ~20 s
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not SIGKILL: torchrun's agent then stops its workers (they run in their own sessions, so
+        # killing the launcher alone would leave them behind).
+        process.terminate()
+        process.communicate(timeout=120)
+        pytest.fail("2-process training did not finish within 300 s")
+    assert process.returncode == 0, stderr[-3000:]
+    assert (out / "prm/adapter_model.safetensors").is_file()
+    assert (tmp_path / "rank-0").exists() and (tmp_path / "rank-1").exists()

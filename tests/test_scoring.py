@@ -1,0 +1,225 @@
+"""prime_trl.scoring and `prime-trl score`: steps, implicit rewards, best-of-N reranking, the HTML heat map."""
+
+import json
+import random
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prime_trl.cli import main
+from prime_trl.evaluation import render_prompt
+from prime_trl.prm import ImplicitPRM, save_adapter
+from prime_trl.scoring import (
+    Candidate,
+    Problem,
+    ScoredResponse,
+    _encode,
+    html_page,
+    rerank,
+    score_responses,
+    split_steps,
+)
+
+# Larger than PRIME's 0.05 so that a few dozen CE steps fit the tiny PRM; rankings do not depend on beta.
+BETA = 0.5
+
+
+# ----- steps --------------------------------------------------------------------------------------------------
+
+
+def pieces(text, mode):
+    return [text[a:b] for a, b in split_steps(text, mode)]
+
+
+def test_split_steps_named_modes_and_regex():
+    text = "[ASSESS]\n\nread it\n\n[ADVANCE]\n\nx = 2\ny = 3\n\n[OUTPUT]\n\n\\boxed{5}"
+    assert pieces(text, "action") == [
+        "[ASSESS]\n\nread it\n\n",
+        "[ADVANCE]\n\nx = 2\ny = 3\n\n",
+        "[OUTPUT]\n\n\\boxed{5}",
+    ]
+    assert pieces("a\n\nb\nc\n\nd", "blank") == ["a\n\n", "b\nc\n\n", "d"]
+    assert pieces("a\nb\n", "newline") == ["a\n", "b\n"]
+    assert pieces("5*3=15;7+15=22;\\boxed{22}", ";") == ["5*3=15;", "7+15=22;", "\\boxed{22}"]
+    assert pieces("one step", "none") == ["one step"]
+    assert pieces(text, "auto") == pieces(text, "action")
+    assert pieces("a\n\nb", "auto") == ["a\n\n", "b"]
+    assert pieces("a\nb", "auto") == ["a\n", "b"]
+    assert "".join(pieces(text, "newline")) == text  # steps always cover the text
+    with pytest.raises(ValueError, match="regex"):
+        split_steps("x", "(")
+
+
+# ----- implicit rewards ---------------------------------------------------------------------------------------
+
+
+def prm_model(model_dir):
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+    return get_peft_model(base, config, adapter_name="prm"), AutoTokenizer.from_pretrained(model_dir)
+
+
+def test_token_and_step_rewards_match_the_definition(tiny_model_dir):
+    model, tokenizer = prm_model(tiny_model_dir)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():  # move the PRM away from the reference
+        if ".prm." in name:
+            param.data.normal_(0, 0.3)
+    prompts = ["Q: 1+1?\n", "Q: a longer prompt, 2+2?\n"]
+    responses = ["line one\nline two", "4"]
+    scored = score_responses(model, tokenizer, prompts, responses, beta=BETA, step_split="newline", progress=False)
+
+    for item, prompt, response in zip(scored, prompts, responses):
+        assert "".join(item.tokens) == response  # the pieces rebuild the text (+ the empty EOS piece)
+        assert item.tokens[-1] == "" and len(item.tokens) == len(item.token_rewards)
+        assert sum(item.step_rewards) == pytest.approx(item.reward, abs=1e-6)
+        assert [item.text[:0] + s for s in item.steps] == pieces(response, "newline")
+        # Direct computation on the unpadded row: beta * (log p_prm - log p_ref) of every response token + EOS.
+        ids = tokenizer(prompt + response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            with model.disable_adapter():
+                ref = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
+            prm = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
+        targets = torch.tensor(ids[1:])
+        expected = BETA * (prm.gather(-1, targets[:, None]) - ref.gather(-1, targets[:, None])).squeeze(-1)[start - 1 :]
+        assert torch.allclose(torch.tensor(item.token_rewards), expected, atol=1e-5)
+    assert len(scored[0].steps) == 2 and scored[0].step_spans[0] == (0, len("line one\n"))
+
+
+def test_untrained_prm_gives_zero_rewards_and_reranks_like_random(tiny_model_dir):
+    """A fresh PRM adapter equals the reference: every reward is 0, so best-of-N is a uniform pick (its exact
+    expectation, not the first candidate)."""
+    model, tokenizer = prm_model(tiny_model_dir)
+    problem = Problem("p", "Q:", [Candidate("a", 0.0), Candidate("b", 1.0), Candidate("c", 0.0), Candidate("d", 0.0)])
+    scored = score_responses(model, tokenizer, ["Q:"] * 4, ["a", "b", "c", "d"], progress=False)
+    assert all(value == 0.0 for s in scored for value in s.token_rewards)
+    summary = rerank([problem], [scored])
+    assert summary["accuracy"]["prm_rerank"] == summary["accuracy"]["random"] == 0.25
+    assert summary["accuracy"]["oracle"] == 1.0
+
+
+def test_html_heat_map_escapes_text_and_colours_by_sign():
+    item = ScoredResponse(
+        text="<b>&",
+        tokens=["<b>", "&", ""],
+        token_rewards=[0.5, -0.5, 0.0],
+        steps=["<b>&"],
+        step_spans=[(0, 3)],
+        step_rewards=[0.0],
+        reward=0.0,
+        label=1.0,
+    )
+    page = html_page([item])
+    assert "&lt;b&gt;" in page and "<b>&" not in page.split("<body>")[1]
+    assert "rgba(26,160,60,1.000)" in page and "rgba(220,40,40,1.000)" in page  # +0.5 green, -0.5 red at full scale
+    assert "correct" in page and "EOS" in page
+
+
+# ----- best-of-N with a PRM trained to prefer correct answers -----------------------------------------------
+
+
+def synthetic_problem(rng, index):
+    """Four candidates: one correct, written 'Checked: ...', and three wrong ones written 'Guess: ...', two of which
+    agree - so majority vote picks a wrong answer and a uniform pick is right a quarter of the time."""
+    a, b = rng.randint(10, 49), rng.randint(10, 49)
+    gold, wrong, other = a + b, a + b + rng.randint(1, 9), a + b - rng.randint(1, 9)
+    prompt = [{"role": "user", "content": f"What is {a}+{b}? Put the answer in \\boxed{{}}."}]
+    candidates = [f"Checked: {a}+{b}={gold}. \\boxed{{{gold}}}"] + [
+        f"Guess: \\boxed{{{w}}}" for w in (wrong, wrong, other)
+    ]
+    labels = [1.0, 0.0, 0.0, 0.0]
+    order = list(range(4))
+    rng.shuffle(order)
+    return {
+        "id": f"sum-{index}",
+        "prompt": prompt,
+        "responses": [candidates[i] for i in order],
+        "labels": [labels[i] for i in order],
+        "answer": str(gold),
+        "task": "math",
+    }
+
+
+def train_prm(model, tokenizer, rows, steps):
+    """CE steps of the implicit PRM on labelled candidates (prime_trl.prm, as the trainer does)."""
+    prompts = [render_prompt(tokenizer, row["prompt"]) for row in rows for _ in row["responses"]]
+    responses = [r for row in rows for r in row["responses"]]
+    labels = torch.tensor([label for row in rows for label in row["labels"]])
+    batch = _encode(tokenizer, prompts, responses, append_eos=True)
+    prm = ImplicitPRM(model, "prm", beta=BETA, micro_batch_size=len(responses))
+    prm.create_optimizer(learning_rate=1e-2)
+    model.train()
+    losses = [prm.score_and_update(batch, labels).loss for _ in range(steps)]
+    model.eval()
+    return losses
+
+
+@pytest.fixture(scope="module")
+def trained_prm(tiny_model_dir, tmp_path_factory):
+    rng = random.Random(0)
+    train_rows = [synthetic_problem(rng, i) for i in range(8)]
+    model, tokenizer = prm_model(tiny_model_dir)
+    losses = train_prm(model, tokenizer, train_rows, steps=60)
+    directory = tmp_path_factory.mktemp("prm-run")
+    save_adapter(model, "prm", directory / "prm")  # laid out like a prime-trl output dir: <dir>/prm
+    return directory, losses
+
+
+def test_prm_training_lowers_the_loss(trained_prm):
+    _, losses = trained_prm
+    assert losses[-1] < 0.2 * losses[0]
+
+
+def test_score_cli_reranks_better_than_random_and_majority(trained_prm, tiny_model_dir, tmp_path, capsys):
+    prm_dir, _ = trained_prm
+    rng = random.Random(1)  # held-out problems, never trained on
+    rows = [synthetic_problem(rng, i) for i in range(8)]
+    data = tmp_path / "candidates.jsonl"
+    with open(data, "w") as handle:
+        for row in rows:
+            row = dict(row)
+            del row["labels"]  # graded by the math verifier from the 'answer' column instead
+            handle.write(json.dumps(row) + "\n")
+
+    out = tmp_path / "score"
+    code = main(
+        [
+            "score",
+            "--prm",
+            str(prm_dir),
+            "--model",
+            tiny_model_dir,
+            "--data",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--beta",
+            str(BETA),
+            "--step_split",
+            r"\. ",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((out / "rerank.json").read_text())
+    accuracy = summary["accuracy"]
+    assert summary["num_problems"] == 8 and summary["candidates_per_problem"] == 4
+    assert accuracy["random"] == pytest.approx(0.25)  # exact expectation: one correct of four everywhere
+    assert accuracy["majority_vote"] == 0.0  # the duplicated wrong answer wins every vote
+    assert accuracy["prm_rerank"] > accuracy["random"]
+    assert accuracy["prm_rerank"] >= 0.75
+    printed = capsys.readouterr().out
+    assert "implicit PRM (best-of-N)" in printed and "random choice" in printed
+
+    records = [json.loads(line) for line in open(out / "rewards.jsonl")]
+    assert len(records) == 8 * 4
+    for record in records:
+        assert sum(record["step_rewards"]) == pytest.approx(record["reward"], abs=1e-5)
+        assert record["label"] in (0.0, 1.0)
+    correct = [r["reward"] for r in records if r["label"] == 1.0]
+    wrong = [r["reward"] for r in records if r["label"] == 0.0]
+    assert sum(correct) / len(correct) > sum(wrong) / len(wrong)
+    page = (out / "rewards.html").read_text()
+    assert page.count("class='response'") == 32 and "class='tok'" in page
