@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -283,6 +284,8 @@ def main() -> None:
 
     report = {
         "size": options.size,
+        "machine": f"{' '.join(platform.uname())}, {os.cpu_count()} CPUs, every run single-threaded",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "base_parameters": rounds[0]["prime"]["base_parameters"],
         "command": "python benchmarks/overhead.py " + " ".join(sys.argv[1:]),
         "step_time_ratio_prime_over_grpo": ratios("prime", "grpo", "step_seconds"),
