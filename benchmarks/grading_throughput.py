@@ -174,6 +174,7 @@ def main() -> None:
             "bwrap": bwrap_version,
             "user": "root" if os.geteuid() == 0 else "non-root",
         },
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "rows": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

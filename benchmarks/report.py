@@ -594,6 +594,24 @@ NOTES = """
   ``s / training step`` column; PRIME runs overlapped each other in time, so machine contention is not
   controlled there - the overhead benchmark's alternating runs are the controlled measurement). The extra time is
   the reference and PRM forwards plus the PRM backward, on top of generation; see the overhead time split.
+- **Cost: why the step-time goal is missed, and where it would be met.** A PRIME step adds, for each kept row,
+  one reference forward (no grad) and one PRM forward + backward + AdamW step: in the overhead time split about
+  0.5 + 1.2 policy updates' worth of work (large model: reference 2.0 s + PRM 4.5 s next to a 3.9 s policy update).
+  With generation at ~40% of a GRPO step (HF ``generate`` on CPU, 48-96-token completions) that is +50%. The
+  extra work is a fixed multiple of the policy update, so the ratio falls as generation's share grows: with
+  generation at 90% of the step (long chains of thought with vLLM, the paper's regime) the same work is about +15%,
+  the paper's +24% with separate models. Nothing in the shared-base design adds time over separate models (the
+  separate variant is ~1.7x GRPO here); it is the PRM's own forward and backward. Options not taken: mixing the
+  reference and PRM rows in one forward (same FLOPs; TRL_NOTES measured no CPU gain) and skipping the accuracy
+  filter's rejected rows (already done: filtered groups never reach the PRM; the benchmark keeps every row to
+  measure the worst case).
+- **Cost: memory.** Sharing one base keeps PRIME within ~4-5% of LoRA GRPO's peak memory at both sizes. Against
+  separate full PRM and reference models it needs 0.52x the memory at 74M parameters (goal 0.6: met at that
+  size); at the 1.4M-parameter demo size the model is a small part of a ~130 MB process (Python, torch, TRL), so
+  the ratio is 0.87 and the goal, stated at that size, is not met. QLoRA on CPU uses *more* memory and time than
+  LoRA here (1.25x / 1.24x): bitsandbytes' CPU path dequantizes each 4-bit weight to compute, and a 74M model's
+  fp32 weights are small next to those buffers; on a GPU with a multi-billion-parameter base the 4-bit weights are
+  what saves memory. These CPU figures do not predict the GPU ratio.
 - **Metrics.** Localisation is computed on the policy's own held-out samples (first 200 evaluation prompts x the
   evaluation samples) whose chain has a wrong step; ties (an untrained PRM gives every step reward 0) share the
   credit, so an uninformative PRM scores exactly the chance rate ``1 / written steps``. The held-out PRM pairwise

@@ -83,7 +83,7 @@ POLICY_ADAPTER = "default"
 
 
 @dataclass
-class PRIMEModuleConfig:
+class PRIMEModuleConfig(PRIMESettings):
     """`PRIMEModule`'s settings. Every field has the name, meaning and default of the `PRIMEConfig` field it mirrors
     (see ``PRIMEConfig`` / ``GRPOConfig`` help texts); `from_prime_config` copies them from a `PRIMEConfig`.
 
@@ -123,8 +123,6 @@ class PRIMEModuleConfig:
     reward_weights: list[float] | None = None
     verifier: str | None = None
     # ----- implicit PRM -----------------------------------------------------------------------------------------
-    prime_beta: float = 0.05
-    prm_update: str = "single"
     prm_loss_type: str = "ce"
     prm_learning_rate: float = 1e-5
     prm_weight_decay: float = 0.0
@@ -137,16 +135,7 @@ class PRIMEModuleConfig:
     prm_name_or_path: str | None = None
     prm_lora_r: int | None = None
     prm_lora_alpha: int | None = None
-    # ----- advantages -------------------------------------------------------------------------------------------
-    advantage_estimator: str = "rloo"
-    process_reward_coef: float = 1.0
-    outcome_reward_coef: float = 1.0
-    process_reward_norm: str = "batch"
-    gamma: float = 1.0
-    whiten_advantages: bool = True
-    accuracy_filter: bool = True
-    accuracy_lower_bound: float = 0.2
-    accuracy_upper_bound: float = 0.8
+    # ----- advantages: the fields of PRIMESettings (prime_beta, prm_update, coefficients, filter, ...) -----------
 
     def __post_init__(self) -> None:
         validate_prime_settings(self)  # PRIMEConfig's own checks: both paths reject the same settings alike
@@ -237,7 +226,7 @@ class PRIMEModule(pl.LightningModule):
         self.model = self._build_policy(model, peft_config, model_init_kwargs or {})
         self.tokenizer = self._build_tokenizer(tokenizer)
         self.prm = self._build_prm(prm if prm is not None else config.prm_name_or_path)
-        self.settings = PRIMESettings.from_config(config)
+        self.settings = config  # a PRIMEModuleConfig is a PRIMESettings
         self.generation_config = GenerationConfig(
             max_new_tokens=config.max_completion_length,
             do_sample=True,
