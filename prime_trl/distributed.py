@@ -3,6 +3,8 @@ Lightning module (Lightning strategies) share them. Every function is a no-op in
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -62,13 +64,36 @@ def is_sharded(param: torch.Tensor) -> bool:
     return isinstance(param, DTensor) or hasattr(param, "ds_id")
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective), or ``tensor`` itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_parameters(parameters: list[torch.nn.Parameter], modify: bool = False) -> AbstractContextManager:
+    """Inside this context, DeepSpeed ZeRO-3 parameters hold their full values on every process (a collective:
+    all processes must enter it). With ``modify=True`` changes made inside (an optimizer step, loaded weights) are
+    kept: rank 0's values are scattered back into the partitions on exit. A no-op for other parameters."""
+    if not any(hasattr(param, "ds_id") for param in parameters):
+        return nullcontext()
+    import deepspeed
+
+    # ZeRO-3 releases a submodule's parameters in a post-backward hook that only fires when the submodule's input
+    # requires grad; the first LoRA layers of a frozen base never get it, and their parameters stay marked active
+    # until the engine's own backward drains them. The PRM backward runs outside the engine, so it is finished here:
+    # clear the marks (as DeepSpeed's release_and_reset_all does) so the partitions can be rewritten on exit.
+    for param in parameters:
+        param.ds_active_sub_modules.clear()
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=0 if modify else None)
+
+
 def all_reduce_gradients(parameters: list[torch.nn.Parameter]) -> None:
     """Sum the gradients of ``parameters`` over processes (missing gradients count as zeros).
 
     Used for the PRM adapter. With replicated parameters (DDP) the data-parallel wrapper does not know about it
-    (it was frozen when the wrapper was built), so its gradients are summed here. With FSDP2-sharded parameters
-    FSDP has already reduce-scattered them as a mean over processes; scaling by the world size turns that mean
-    into the sum the PRM loss weights expect.
+    (it was frozen when the wrapper was built), so its gradients are summed here. The same holds under DeepSpeed
+    ZeRO-3, whose engine leaves the adapter's full-size local gradients alone (call this inside
+    `full_parameters`). With FSDP2-sharded parameters FSDP has already reduce-scattered them as a mean over
+    processes; scaling by the world size turns that mean into the sum the PRM loss weights expect.
     """
     if not is_distributed():
         return

@@ -211,17 +211,22 @@ def make_implicit_prm(
     )
 
 
-def save_adapter(model: PeftModel, adapter_name: str, directory: str | Path) -> None:
+def save_adapter(model: PeftModel, adapter_name: str, directory: str | Path, is_main_process: bool = True) -> None:
     """Write one adapter as a standalone PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``),
-    loadable with ``PeftModel.from_pretrained(base, directory)`` or ``model.load_adapter(directory, name)``."""
+    loadable with ``PeftModel.from_pretrained(base, directory)`` or ``model.load_adapter(directory, name)``.
+
+    When the adapter is sharded (FSDP2, DeepSpeed ZeRO-3) gathering it is a collective: every process calls this,
+    and only the one with ``is_main_process`` writes."""
     from safetensors.torch import save_file
 
+    with distributed.full_parameters(adapter_parameters(model, adapter_name)):
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        state = {key: distributed.full_tensor(value).detach().cpu().clone() for key, value in state.items()}
+    if not is_main_process:
+        return
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "adapter_model.safetensors")
-    )
+    save_file(state, str(directory / "adapter_model.safetensors"))
     config = copy.deepcopy(model.peft_config[adapter_name])
     config.inference_mode = True
     config.save_pretrained(str(directory))
@@ -230,7 +235,8 @@ def save_adapter(model: PeftModel, adapter_name: str, directory: str | Path) -> 
 def load_adapter_weights(model: PeftModel, adapter_name: str, directory: str | Path) -> None:
     """Load weights saved by `save_adapter` (or PEFT) into an existing adapter, checking nothing is missed."""
     state = load_peft_weights(str(directory), device=str(next(model.parameters()).device))
-    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    with distributed.full_parameters(adapter_parameters(model, adapter_name), modify=True):  # ZeRO-3: collective
+        result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     missing = [key for key in result.missing_keys if f".{adapter_name}." in key]
     if missing:
         raise RuntimeError(f"Loading the {adapter_name!r} adapter from {directory} left {len(missing)} weights unset.")
@@ -340,8 +346,8 @@ class ImplicitPRM:
     def _micro_batches(self, rows: torch.Tensor) -> Iterator[torch.Tensor | None]:
         """Row indices of each micro-batch.
 
-        With sharded parameters (FSDP2) every forward and backward is a collective, so all processes must run the
-        same number of micro-batches even when the accuracy filter left them different row counts: a process
+        With sharded parameters (FSDP2, ZeRO-3) every forward and backward is a collective, so all processes must
+        run the same number of micro-batches even when the accuracy filter left them different row counts: a process
         that runs out yields ``None``, meaning a placeholder pass that contributes nothing.
         """
         chunks: list[torch.Tensor | None] = list(rows.split(self.micro_batch_size))
@@ -418,11 +424,13 @@ class ImplicitPRM:
                 mini_loss += loss.detach() * len(rows) / mini_size
                 prm_parts.append(prm_logps.detach())
                 ref_parts.append(ref_logps)
-            distributed.all_reduce_gradients(params)
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)))
-            self.optimizer.step()
+            # ZeRO-3 partitions the adapter but leaves it out of its engine: step on the gathered full values.
+            with distributed.full_parameters(params, modify=True):
+                distributed.all_reduce_gradients(params)
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
             losses.append(float(distributed.all_reduce_sum(mini_loss)))
 
         if self.update_mode == "double":

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
@@ -122,12 +123,6 @@ class PRIMETrainer(GRPOTrainer):
                 f"args must be a PRIMEConfig, got {type(args).__name__}. Build it with PRIMEConfig(...) (it accepts "
                 "every GRPOConfig field)."
             )
-        if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
-            raise NotImplementedError(
-                "DeepSpeed ZeRO-3 keeps the PRM adapter's gradients inside its engine, where PRIME's separate PRM "
-                "optimizer cannot see them. Shard with FSDP2 instead (fsdp='full_shard', fsdp_config={'fsdp_version': "
-                "2}), which PRIMETrainer supports, or use ZeRO-2 / DDP. See README, 'Scaling out'."
-            )
         reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         if not reward_funcs:
             raise ValueError("PRIMETrainer needs at least one reward function: the verifier that labels completions.")
@@ -199,6 +194,12 @@ class PRIMETrainer(GRPOTrainer):
     def _frozen_copy_with_prm(self, prm: LoraConfig | str | os.PathLike | None, name: str) -> PeftModel:
         """Full fine-tune policy: the PRM is a LoRA adapter on one frozen copy of the initial model, which with
         adapters disabled is also the reference (one extra copy, not two)."""
+        if is_deepspeed_zero3_enabled():
+            raise NotImplementedError(
+                "A fully fine-tuned policy under DeepSpeed ZeRO-3 would need a partitioned frozen copy of the model for "
+                "the PRM, which prime-trl does not build. Train the policy as a LoRA adapter (peft_config=LoraConfig(...)"
+                " or --use_peft), which ZeRO-3 supports, or use FSDP2 / ZeRO-2."
+            )
         base = copy.deepcopy(self.accelerator.unwrap_model(self.model))
         # The copied fused-head forward still calls the *original* model's forward; restore the class forward and
         # add a fresh fused head at temperature 1 (PRIME's log-probs are never temperature-scaled).
@@ -295,10 +296,12 @@ class PRIMETrainer(GRPOTrainer):
     # Checkpoints: policy adapter at the root (TRL), PRM adapter in prm/, PRM optimizer + scheduler beside it
     # ------------------------------------------------------------------------------------------------------------
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            save_adapter(self.prm.model, self.prm.adapter_name, Path(output_dir or self.args.output_dir) / PRM_DIR_NAME)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Policy adapter (TRL) at ``output_dir``, PRM adapter in ``output_dir/prm``. Called on every process, as
+        `Trainer.save_model` is: gathering a sharded PRM adapter is a collective."""
+        super().save_model(output_dir, _internal_call)
+        prm_dir = Path(output_dir or self.args.output_dir) / PRM_DIR_NAME
+        save_adapter(self.prm.model, self.prm.adapter_name, prm_dir, is_main_process=self.args.should_save)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
@@ -318,7 +321,7 @@ class PRIMETrainer(GRPOTrainer):
         load_adapter_weights(self.prm.model, self.prm.adapter_name, prm_dir)
         state_path = Path(checkpoint) / PRM_STATE_NAME
         if state_path.is_file():
-            self.prm.load_state_dict(torch.load(state_path, map_location=self.accelerator.device, weights_only=True))
+            self.prm.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
         else:
             logger.warning(
                 "Checkpoint %s has no %s; the PRM optimizer restarts from scratch.", checkpoint, PRM_STATE_NAME

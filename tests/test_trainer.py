@@ -129,6 +129,13 @@ def test_full_finetune_policy_puts_prm_on_one_frozen_copy(tiny_model_dir, tmp_pa
     assert all(torch.equal(host_before[n], host_after[n]) for n in host_before if ".prm." not in n)
 
 
+def test_full_finetune_policy_under_zero3_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    # The frozen copy for the PRM cannot be made from a ZeRO-3-partitioned model; a LoRA policy is the way there.
+    monkeypatch.setattr("prime_trl.trainer.is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(NotImplementedError, match="LoRA adapter"):
+        make_trainer(tiny_model_dir, tmp_path, peft=False)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -1,9 +1,10 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (CPU, gloo).
 
-Trains PRIME for a few steps with groups split across the two processes and writes, per rank, the adapters
-before and after training to <out>/rank<r>.pt. Arguments: model_dir out_dir loss_type update engine, where
-engine is "ddp" or "fsdp2" (parameters sharded with FSDP2; the accuracy filter is then on, so the processes
-keep different numbers of rows and must still run their PRM passes in lockstep).
+Trains PRIME for a few steps with groups split across the two processes, saves the model to <out>/saved and
+writes, per rank, the adapters before and after training to <out>/rank<r>.pt. Arguments: model_dir out_dir loss_type update engine, where
+engine is "ddp", "fsdp2", "zero2" or "zero3" (see engines.py). With sharded parameters (FSDP2, ZeRO-3) the
+accuracy filter is on, so the processes keep different numbers of rows and must still run their PRM passes in
+lockstep.
 """
 
 import os
@@ -11,6 +12,7 @@ import sys
 import zlib
 
 import torch
+from engines import engine_args, is_sharded
 
 torch.set_num_threads(1)
 
@@ -18,6 +20,7 @@ from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
 from prime_trl import PRIMEConfig, PRIMETrainer  # noqa: E402
+from prime_trl.distributed import full_parameters  # noqa: E402
 
 
 def coin_reward(completions, **kwargs):
@@ -25,7 +28,6 @@ def coin_reward(completions, **kwargs):
 
 
 def main(model_dir: str, out_dir: str, loss_type: str, update: str, engine: str) -> None:
-    sharding = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2}) if engine == "fsdp2" else {}
     args = PRIMEConfig(
         output_dir=out_dir,
         per_device_train_batch_size=6,  # global batch 12 = 3 groups of 4: the middle group straddles the ranks
@@ -36,7 +38,7 @@ def main(model_dir: str, out_dir: str, loss_type: str, update: str, engine: str)
         prm_learning_rate=0.05,
         prm_loss_type=loss_type,
         prm_update=update,
-        accuracy_filter=engine == "fsdp2",
+        accuracy_filter=is_sharded(engine),
         use_cpu=True,
         bf16=False,
         gradient_checkpointing=False,
@@ -44,7 +46,7 @@ def main(model_dir: str, out_dir: str, loss_type: str, update: str, engine: str)
         save_strategy="no",
         logging_steps=1,
         seed=3,
-        **sharding,
+        **engine_args(engine),
     )
     dataset = Dataset.from_list([{"prompt": f"Q{i}="} for i in range(24)])
     trainer = PRIMETrainer(
@@ -55,12 +57,14 @@ def main(model_dir: str, out_dir: str, loss_type: str, update: str, engine: str)
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
     )
 
-    def adapters() -> dict[str, torch.Tensor]:  # full tensors, also when FSDP2 holds only a shard per process
-        full = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in trainer.model.named_parameters()}
-        return {n: p.detach().clone() for n, p in full.items() if "lora_" in n}
+    def adapters() -> dict[str, torch.Tensor]:  # full tensors, also when FSDP2 / ZeRO-3 hold a shard per process
+        lora = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+        with full_parameters(list(lora.values())):
+            return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in lora.items()}
 
     before = adapters()
     trainer.train()
+    trainer.save_model(os.path.join(out_dir, "saved"))  # every process: gathering sharded adapters is collective
     rank = int(os.environ.get("RANK", 0))
     world = trainer.accelerator.num_processes
     torch.save({"before": before, "after": adapters(), "world": world}, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -1,6 +1,6 @@
 """Run under `torchrun --nproc_per_node 2`: one PRM update with each rank holding half of the rows must equal a
-single-process update on all rows. Mode "replicated" (DDP-style: every rank holds the whole model) or "fsdp2"
-(the model sharded with torch's fully_shard). Rank 0 writes the largest difference to <out>/result.json."""
+single-process update on all rows. Mode "replicated" (DDP-style: every rank holds the whole model), "fsdp2"
+(the model sharded with torch's fully_shard) or "zero3" (DeepSpeed ZeRO-3 engine; PRM adapter outside it). Rank 0 writes the largest difference to <out>/result.json."""
 
 import json
 import sys
@@ -13,6 +13,7 @@ torch.set_num_threads(1)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from prime_trl.distributed import full_parameters  # noqa: E402
 from prime_trl.prm import CompletionBatch, ImplicitPRM, add_prm_adapter, default_prm_lora_config  # noqa: E402
 
 
@@ -35,10 +36,15 @@ def sgd_update(model, batch, labels):
     prm.create_optimizer(learning_rate=1.0)
     prm.optimizer = torch.optim.SGD(prm.parameters(), lr=1.0)
     prm.scheduler = torch.optim.lr_scheduler.LambdaLR(prm.optimizer, lambda _: 1.0)
-    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # noqa: E731
-    before = {n: full(p.detach()).clone() for n, p in model.named_parameters() if ".prm." in n}
+
+    def prm_weights():  # full tensors, also when FSDP2 or ZeRO-3 holds only a shard per process
+        with full_parameters(prm.parameters()):
+            full = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in model.named_parameters()}
+            return {n: p.detach().clone() for n, p in full.items() if ".prm." in n}
+
+    before = prm_weights()
     prm.score_and_update(batch, labels)
-    return {n: full(p.detach()) - before[n] for n, p in model.named_parameters() if ".prm." in n}
+    return {n: p - before[n] for n, p in prm_weights().items()}
 
 
 def main(model_dir, out_dir, mode):
@@ -63,6 +69,13 @@ def main(model_dir, out_dir, mode):
         for layer in model.base_model.model.model.layers:
             fully_shard(layer)
         fully_shard(model)
+    if mode == "zero3":
+        import deepspeed
+
+        policy = [p for n, p in model.named_parameters() if p.requires_grad]
+        config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+        config["zero_allow_untested_optimizer"] = True
+        deepspeed.initialize(model=model, optimizer=torch.optim.SGD(policy, lr=0.0), config=config)
     distributed_delta = sgd_update(model, batch.select(mine), labels[mine])
 
     if rank == 0:
