@@ -22,6 +22,9 @@ Optional extra phases (not run by default; ~25 min on 2 cores):
    PRM also scored, at every evaluation point, on the *fixed* completions sampled before training: that tells
    a PRM that got worse apart from policy mistakes that got harder to localise.
 5. ``pilot`` (``--tasks default``): the six seed-0 validation runs that narrowed the grid (``PILOTS``, ~12 min).
+6. ``knobs``: PRIME's chosen settings with one other knob changed (``KNOBS``: K, batch size, normalisation,
+   double update, DPO PRM loss; the batch size also for RLOO) on the validation split with the tuning seeds
+   (~30 min per task).
 
 Every run is its own subprocess (``OMP_NUM_THREADS=1``, one torch thread; ``--jobs`` at a time) and writes
 ``benchmarks/results/learning_runs/<task>/<phase>/<name>.json``; existing files are skipped, so an interrupted
@@ -84,6 +87,18 @@ TUNE_GRID: list[tuple[str, dict[str, float]]] = [
 ]
 TUNE_SEEDS = (100, 101)  # validation runs use their own seeds, disjoint from the final ones
 
+# PRIME's other knobs, each changed alone from a method's chosen settings (``--phases knobs``; validation split, the
+# tuning seeds and shape, so each row compares directly with the tuning table). K=8 keeps the batch at 32 rows; the
+# larger batch is also run for outcome-only RLOO, so that a gain from the batch alone is not read as PRIME's.
+KNOBS: list[tuple[str, dict[str, Any]]] = [
+    ("prime", {"num_generations": 8, "prompts_per_step": 4}),
+    ("prime", {"prompts_per_step": 16}),
+    ("rloo", {"prompts_per_step": 16}),
+    ("prime", {"process_reward_norm": "none"}),
+    ("prime", {"prm_update": "double"}),
+    ("prime", {"prm_loss_type": "dpo"}),
+]
+
 # The pilots that narrowed the grid (default task, validation, seed 0; ``--phases pilot``). A policy lr of 1e-7
 # keeps the policy (nearly) frozen, to see how the PRM learns on a fixed sample distribution.
 PILOT_SHAPE = dict(eval_every=25, eval_prompts=300, eval_samples=4)
@@ -131,7 +146,9 @@ class RunSpec:
         return RUNS / self.task / self.phase / f"{self.method}-seed{self.seed}-{self.key()}.json"
 
     def label(self) -> str:
-        extras = ",".join(f"{k}={v:g}" for k, v in sorted(self.settings.items()))
+        extras = ",".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(self.settings.items())
+        )
         return f"{self.task}/{self.phase}/{self.method}[{extras}] seed {self.seed}"
 
 
@@ -347,6 +364,38 @@ def final_specs(task: str, chosen: dict, seeds: Sequence[int], overrides: dict[s
     return [RunSpec(task, "final", m, s, dict(chosen[m]), **shape) for m in METHOD_ORDER if m in chosen for s in seeds]
 
 
+def knob_specs(task: str, chosen: dict, seeds: Sequence[int], knobs: Sequence[tuple] = tuple(KNOBS)) -> list[RunSpec]:
+    """Each method at its chosen settings with one knob changed (validation split, tuning seeds and shape)."""
+    return [
+        RunSpec(task, "tune", method, seed, {**chosen[method], **change}, **TUNE_DEFAULTS)
+        for method, change in knobs
+        if method in chosen
+        for seed in seeds
+    ]
+
+
+def summarise_knobs(task: str, chosen: dict, seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """One row per knob that has runs: the method, the change and its mean final validation figures."""
+    rows = []
+    for method, change in KNOBS:
+        runs = load_runs(knob_specs(task, chosen, seeds, [(method, change)]))
+        if not runs:
+            continue
+        last = [run["eval"][-1] for run in runs]
+        prm_accuracy = [point["prm_accuracy"] for point in last if point.get("prm_accuracy") is not None]
+        rows.append(
+            {
+                "method": method,
+                "change": change,
+                "seeds": [run["seed"] for run in runs],
+                "validation_sampled_accuracy": mean_se([point["sampled_accuracy"] for point in last]),
+                "validation_prm_accuracy": mean_se(prm_accuracy) if prm_accuracy else None,
+                "train_seconds": statistics.fmean(run["train_seconds"] for run in runs),
+            }
+        )
+    return rows
+
+
 def pilot_specs() -> list[RunSpec]:
     return [RunSpec("default", "pilot", m, 0, dict(o), steps=n, **PILOT_SHAPE) for m, o, n in PILOTS]
 
@@ -556,7 +605,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=list(TASK_NAMES))
     parser.add_argument(
-        "--phases", nargs="+", choices=("pilot", "tune", "final", "ablation", "diagnostic"), default=["tune", "final"]
+        "--phases",
+        nargs="+",
+        choices=("pilot", "tune", "final", "ablation", "diagnostic", "knobs"),
+        default=["tune", "final"],
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="seeds of the final runs")
     parser.add_argument("--tune-seeds", nargs="+", type=int, default=list(TUNE_SEEDS))
@@ -596,6 +648,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "ablation": ablation_specs(task, chosen, options.seeds, overrides),
             "diagnostic": diagnostic_specs(task, chosen, options.seeds, overrides),
         }
+        if "knobs" in options.phases and not options.aggregate_only:
+            run_specs(knob_specs(task, chosen, tune_seeds), options.jobs)
         for phase, phase_specs in extras.items():
             if phase in options.phases and not options.aggregate_only:
                 run_specs(phase_specs, options.jobs)
@@ -617,6 +671,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             extras_command=f"{base} --phases ablation diagnostic",
             pilots=load_runs(pilot_specs()) if task == "default" else (),
         )
+        report["knobs"] = {
+            "command": f"python benchmarks/learning.py --tasks {task} --tune-seeds {tune} --phases knobs",
+            "rows": summarise_knobs(task, chosen, tune_seeds),
+        }
         (RESULTS / f"learning_{task}.json").write_text(json.dumps(report, indent=2))
         plot(report, RESULTS / f"learning_{task}.png")
         logger.info("wrote %s", RESULTS / f"learning_{task}.json")

@@ -350,7 +350,8 @@ class ImplicitPRM:
         run the same number of micro-batches even when the accuracy filter left them different row counts: a process
         that runs out yields ``None``, meaning a placeholder pass that contributes nothing.
         """
-        chunks: list[torch.Tensor | None] = list(rows.split(self.micro_batch_size))
+        # No empty chunk: splitting zero rows gives one, and a model forward on zero rows fails.
+        chunks: list[torch.Tensor | None] = [chunk for chunk in rows.split(self.micro_batch_size) if len(chunk)]
         if self._lockstep():
             count = int(distributed.all_reduce_max(torch.tensor(len(chunks), device=rows.device)))
             chunks += [None] * (count - len(chunks))

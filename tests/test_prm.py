@@ -123,3 +123,17 @@ def test_dpo_group_context_collects_group_members(tiny_model_dir):
     assert torch.equal(log_ratios[0], log_ratios[2]) and torch.equal(log_ratios[3], log_ratios[5])
     out = prm.score_and_update(batch, labels, group_ids=groups)
     assert out.loss is not None and out.optimizer_steps == 1
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(update_mode="double"), dict(loss_type="dpo")])
+def test_batch_with_no_rows_is_skipped_not_fed_to_the_model(tiny_model_dir, overrides):
+    """The accuracy filter can leave a process no rows (every group all right or all wrong): scoring and the
+    update then make no forward (a zero-row forward fails in the model) and return empty log-probs."""
+    prm = sgd_prm(build_host(tiny_model_dir), **overrides)
+    empty = make_batch().select(torch.tensor([], dtype=torch.long))
+    before = {n: p.detach().clone() for n, p in prm.model.named_parameters() if ".prm." in n}
+    scored = prm.score(empty)
+    updated = prm.score_and_update(empty, torch.zeros(0), group_ids=torch.zeros(0, dtype=torch.long))
+    assert scored.prm_logps.shape == updated.ref_logps.shape == (0, 9)
+    assert updated.optimizer_steps == 0
+    assert all(torch.equal(p, before[n]) for n, p in prm.model.named_parameters() if ".prm." in n)

@@ -87,6 +87,7 @@ class RLSettings:
         prompts_per_step: prompts per optimizer step; the batch is ``prompts_per_step * num_generations``.
         lora_r, lora_alpha: LoRA shape of the policy (and of the PRM, which copies it).
         temperature: sampling temperature of training (and of the sampled held-out accuracy).
+        prm_update, prm_loss_type, process_reward_norm: PRIME's `PRIMEConfig` fields of the same names (prime only).
     """
 
     method: str = "prime"
@@ -98,6 +99,9 @@ class RLSettings:
     lora_r: int = 16
     lora_alpha: int = 32
     temperature: float = 1.0
+    prm_update: str = "single"
+    prm_loss_type: str = "ce"
+    process_reward_norm: str = "batch"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -163,7 +167,13 @@ def make_trainer(
     if settings.method == "grpo":
         trainer: GRPOTrainer = GRPOTrainer(str(model_path), args=GRPOConfig(**common), **kwargs)
     else:
-        prime = dict(prime_beta=settings.prime_beta, prm_learning_rate=settings.prm_learning_rate)
+        prime = dict(
+            prime_beta=settings.prime_beta,
+            prm_learning_rate=settings.prm_learning_rate,
+            prm_update=settings.prm_update,
+            prm_loss_type=settings.prm_loss_type,
+            process_reward_norm=settings.process_reward_norm,
+        )
         if settings.method == "rloo":
             prime.update(process_reward_coef=0.0, prm_update="none")
         trainer = PRIMETrainer(str(model_path), args=PRIMEConfig(**common, **prime), **kwargs)
