@@ -58,11 +58,12 @@ def test_two_process_training_keeps_adapters_identical(tiny_model_dir, tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["replicated", "fsdp2", "zero3"])
+@pytest.mark.parametrize("mode", ["replicated", "fsdp2", "zero3", "zero3-checkpointing"])
 def test_distributed_prm_update_equals_single_process(tiny_model_dir, tmp_path, mode):
     """5 rows on one process and 3 on the other give the same PRM update as all 8 rows in one process
     (summed, correctly weighted gradients; with FSDP2 / ZeRO-3 also lockstep passes over sharded parameters and,
-    for ZeRO-3, the step on the gathered adapter written back into its partitions)."""
+    for ZeRO-3, the step on the gathered adapter written back into its partitions, with and without gradient
+    checkpointing re-gathering parameters in the backward)."""
     needs_deepspeed(mode)
     torchrun("prm_update_equivalence.py", tiny_model_dir, str(tmp_path), mode)
     result = json.loads((tmp_path / "result.json").read_text())

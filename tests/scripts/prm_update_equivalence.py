@@ -1,6 +1,8 @@
 """Run under `torchrun --nproc_per_node 2`: one PRM update with each rank holding half of the rows must equal a
 single-process update on all rows. Mode "replicated" (DDP-style: every rank holds the whole model), "fsdp2"
-(the model sharded with torch's fully_shard) or "zero3" (DeepSpeed ZeRO-3 engine; PRM adapter outside it). Rank 0 writes the largest difference to <out>/result.json."""
+(the model sharded with torch's fully_shard), "zero3" (DeepSpeed ZeRO-3 engine; PRM adapter outside it) or
+"zero3-checkpointing" (the same with gradient checkpointing on the distributed side only). Rank 0 writes the
+largest difference to <out>/result.json."""
 
 import json
 import sys
@@ -69,7 +71,10 @@ def main(model_dir, out_dir, mode):
         for layer in model.base_model.model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-    if mode == "zero3":
+    if mode == "zero3-checkpointing":  # only the distributed side recomputes activations in the backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if mode.startswith("zero3"):
         import deepspeed
 
         policy = [p for n, p in model.named_parameters() if p.requires_grad]
