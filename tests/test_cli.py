@@ -172,6 +172,17 @@ def test_accelerate_config_file_is_passed_through(monkeypatch):
     assert args.training_script_args == ["train", "--config", "x.yaml"]
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_config_files_parse(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes == 8
+    if "zero" in path.name:  # zero2_8gpu.yaml / zero3_8gpu.yaml select the ZeRO stage their name says
+        assert config.distributed_type == "DEEPSPEED"
+        assert config.deepspeed_config["zero_stage"] == int(path.name[4])
+
+
 def test_reward_function_resolution(tmp_path, monkeypatch):
     from prime_trl.rewards import code_reward, math_reward, verifier
 

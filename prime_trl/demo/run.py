@@ -620,7 +620,7 @@ def run_demo(
                 progress=progress,
                 desc="PRIME demo",
             )
-        trainer.save_model(str(out))  # policy adapter at the root, PRM adapter in prm/ (PRIMETrainer._save)
+        trainer.save_model(str(out))  # policy adapter at the root, PRM adapter in prm/ (PRIMETrainer.save_model)
         base_dir = out / "base"
         if base_dir.exists():
             shutil.rmtree(base_dir)
