@@ -31,7 +31,6 @@ _LAUNCHED_ENV = "PRIME_TRL_LAUNCHED"
 # Names of model_name_or_path that prime-trl builds locally instead of loading (an existing path wins).
 TINY_MODEL = "tiny"
 DEMO_MODEL = "prime-demo"
-DEMO_DATASET = "prime-demo"
 
 # Reward functions by name: `--reward_funcs math code`; anything with a dot is imported (`my_module.my_reward`).
 REWARD_FUNCS = {
@@ -354,9 +353,19 @@ def resolve_model(name_or_path: str | None, training_args) -> str:
 
 
 def _is_prime_dataset(name: str) -> bool:
-    from prime_trl.data import DATASET_NAMES
+    from prime_trl.data import canonical_dataset_name
 
-    return name.lower() in DATASET_NAMES or name.endswith((".jsonl", ".json", ".parquet")) or Path(name).is_file()
+    return (
+        canonical_dataset_name(name) is not None
+        or name.endswith((".jsonl", ".json", ".parquet"))
+        or Path(name).is_file()
+    )
+
+
+def _is_demo_dataset(name: str | None) -> bool:
+    from prime_trl.data import DEMO_DATASET_NAMES
+
+    return name is not None and name.lower() in DEMO_DATASET_NAMES
 
 
 def load_train_datasets(script_args, training_args, dataset_args):
@@ -375,7 +384,7 @@ def load_train_datasets(script_args, training_args, dataset_args):
             evaluation = splits[script_args.dataset_test_split]
     elif not name:
         raise CLIError("No training data: set dataset_name (e.g. gsm8k, math, prime-demo, a .jsonl) or `datasets:`.")
-    elif name.lower() == DEMO_DATASET:
+    elif _is_demo_dataset(name):
         from prime_trl.demo.task import make_splits
 
         splits = make_splits(seed=training_args.seed, n_train=limit or 10_000, n_validation=100, n_test=100)
@@ -406,7 +415,7 @@ def resolve_reward_funcs(
 ) -> list[Callable]:
     """Reward functions from registry names or dotted import paths, with a default that fits the data."""
     if not names:
-        if dataset_name and dataset_name.lower() == DEMO_DATASET:
+        if _is_demo_dataset(dataset_name):
             names = ["demo"]
         elif "task" in columns:
             names = ["verifier"]

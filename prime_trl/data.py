@@ -39,6 +39,8 @@ __all__ = [
     "MATH_SUFFIX",
     "PRIME_SYSTEM_PROMPT",
     "DATASET_NAMES",
+    "DEMO_DATASET_NAMES",
+    "canonical_dataset_name",
     "default_data_dir",
     "humaneval_tests",
     "load_aime24",
@@ -416,6 +418,14 @@ _ALIASES = {
     "eurus-2-rl-data": "eurus",
 }
 DATASET_NAMES = tuple(_LOADERS)
+# What the CLI calls the embedded demo task (prime_trl.demo), with the spellings users type for it.
+DEMO_DATASET_NAMES = ("prime-demo", "prime_demo", "demo")
+
+
+def canonical_dataset_name(name: str) -> str | None:
+    """The `DATASET_NAMES` entry ``name`` stands for (any case, aliases such as "math-500" or "aime"), else None."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    return key if key in _LOADERS else None
 
 
 def load_dataset_by_name(
@@ -431,8 +441,8 @@ def load_dataset_by_name(
     eurus (default "validation"); `path` overrides where the named set's file is read from."""
     if os.path.sep in name or name.endswith((".jsonl", ".json", ".parquet")):
         return load_prime_file(name, system_prompt=system_prompt, limit=limit)
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in _LOADERS:
+    key = canonical_dataset_name(name)
+    if key is None:
         raise ValueError(f"unknown data set {name!r}; use one of {list(DATASET_NAMES)} or a path to a .jsonl file")
     kwargs: dict[str, Any] = {"path": path, "system_prompt": system_prompt, "limit": limit}
     if key == "gsm8k":

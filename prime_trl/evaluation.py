@@ -252,7 +252,9 @@ def _math_equivalent(preds: list[str], golds: list[str]) -> list[bool]:
 
 def load_eval_dataset(args: EvalArguments):
     """The benchmark as a `datasets.Dataset` with prime_trl.data's columns (``prompt``, ``task``, ``answer``, ...)."""
-    if args.data.lower() in ("prime-demo", "prime_demo", "demo"):
+    from prime_trl.data import DEMO_DATASET_NAMES, load_dataset_by_name
+
+    if args.data.lower() in DEMO_DATASET_NAMES:
         from datasets import Dataset
 
         from prime_trl.demo.task import make_dataset
@@ -270,7 +272,6 @@ def load_eval_dataset(args: EvalArguments):
                 "id": demo["expression"],
             }
         )
-    from prime_trl.data import load_dataset_by_name
 
     return load_dataset_by_name(
         args.data, args.split, path=args.data_dir, system_prompt=args.system_prompt, limit=args.limit

@@ -352,3 +352,13 @@ def test_train_two_processes_on_cpu(tmp_path):
     assert process.returncode == 0, stderr[-3000:]
     assert (out / "prm/adapter_model.safetensors").is_file()
     assert (tmp_path / "rank-0").exists() and (tmp_path / "rank-1").exists()
+
+
+def test_train_routes_dataset_aliases_like_eval(tmp_path):
+    # `eval --data math-500` and `train --dataset_name math-500` must both reach prime_trl.data, not the Hub.
+    for alias in ("math-500", "MATH500", "aime", "human_eval", "eurus-2-rl-data"):
+        assert cli._is_prime_dataset(alias), alias
+    assert not cli._is_prime_dataset("openai/gsm8k-like-hub-id")
+    for alias in ("prime-demo", "prime_demo", "Demo"):
+        assert cli._is_demo_dataset(alias), alias
+    assert not cli._is_demo_dataset(None) and not cli._is_demo_dataset("gsm8k")
