@@ -195,14 +195,15 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     return record
 
 
-def run_specs(specs: Sequence[RunSpec], jobs: int) -> None:
-    """Run the specs whose result file is missing, ``jobs`` subprocesses at a time (each single-threaded)."""
+def run_specs(specs: Sequence[RunSpec], jobs: int) -> list[RunSpec]:
+    """Run the specs whose result file is missing, ``jobs`` subprocesses at a time (each single-threaded); returns
+    the ones that failed (their log is beside where the result file would be)."""
     todo = [s for s in specs if not s.path.is_file()]
     logger.info("%d runs, %d already done, %d to run with %d jobs", len(specs), len(specs) - len(todo), len(todo), jobs)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1")
     running: list[tuple[RunSpec, subprocess.Popen, float, Any]] = []
     queue = list(todo)
-    done = 0
+    done, failed = 0, []
     while queue or running:
         while queue and len(running) < jobs:
             spec = queue.pop(0)
@@ -221,6 +222,9 @@ def run_specs(specs: Sequence[RunSpec], jobs: int) -> None:
             done += 1
             status = "ok" if process.returncode == 0 and spec.path.is_file() else f"FAILED (rc {process.returncode})"
             logger.info("[%d/%d] %s: %s in %.0fs", done, len(todo), spec.label(), status, time.time() - started)
+            if status != "ok":
+                failed.append(spec)
+    return failed
 
 
 def load_runs(specs: Sequence[RunSpec]) -> list[dict[str, Any]]:
@@ -336,17 +340,15 @@ def summarise_method(runs: Sequence[dict[str, Any]], target: float | None) -> di
 # --------------------------------------------------------------------------------------------------------------
 
 
-def tune_specs(task: str, seeds: Sequence[int], overrides: dict[str, int]) -> list[RunSpec]:
-    shape = {**TUNE_DEFAULTS, **overrides}
-    return [RunSpec(task, "tune", m, s, dict(o), **shape) for m, o in TUNE_GRID for s in seeds]
+def tune_specs(task: str, seeds: Sequence[int], grid: Sequence[tuple] = tuple(TUNE_GRID)) -> list[RunSpec]:
+    return [RunSpec(task, "tune", m, s, dict(o), **TUNE_DEFAULTS) for m, o in grid for s in seeds]
 
 
-def choose_settings(task: str, seeds: Sequence[int], overrides: dict[str, int]) -> tuple[dict, list[dict]]:
+def choose_settings(task: str, seeds: Sequence[int]) -> tuple[dict, list[dict]]:
     """Per method, the grid setting with the best mean final validation sampled accuracy; and the whole table."""
     table = []
     for method, settings in TUNE_GRID:
-        specs = [RunSpec(task, "tune", method, s, dict(settings), **{**TUNE_DEFAULTS, **overrides}) for s in seeds]
-        runs = load_runs(specs)
+        runs = load_runs(tune_specs(task, seeds, [(method, settings)]))
         if not runs:
             continue
         accuracy = mean_se([r["eval"][-1]["sampled_accuracy"] for r in runs])
@@ -366,12 +368,9 @@ def final_specs(task: str, chosen: dict, seeds: Sequence[int], overrides: dict[s
 
 def knob_specs(task: str, chosen: dict, seeds: Sequence[int], knobs: Sequence[tuple] = tuple(KNOBS)) -> list[RunSpec]:
     """Each method at its chosen settings with one knob changed (validation split, tuning seeds and shape)."""
-    return [
-        RunSpec(task, "tune", method, seed, {**chosen[method], **change}, **TUNE_DEFAULTS)
-        for method, change in knobs
-        if method in chosen
-        for seed in seeds
-    ]
+    return tune_specs(
+        task, seeds, [(method, {**chosen[method], **change}) for method, change in knobs if method in chosen]
+    )
 
 
 def summarise_knobs(task: str, chosen: dict, seeds: Sequence[int]) -> list[dict[str, Any]]:
@@ -631,28 +630,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     seeds = " ".join(map(str, options.seeds))
     tune = " ".join(map(str, options.tune_seeds))
     tune_seeds = tuple(options.tune_seeds)
+    failed: list[RunSpec] = []
     if "pilot" in options.phases and not options.aggregate_only:
-        run_specs(pilot_specs(), options.jobs)
+        failed += run_specs(pilot_specs(), options.jobs)
     for task in options.tasks:
         if "tune" in options.phases and not options.aggregate_only:
-            run_specs(tune_specs(task, tune_seeds, {}), options.jobs)
-        chosen, tuning = choose_settings(task, tune_seeds, {})
+            failed += run_specs(tune_specs(task, tune_seeds), options.jobs)
+        chosen, tuning = choose_settings(task, tune_seeds)
         if not chosen:
             logger.warning("%s: no tuning results; nothing to run or report", task)
             continue
         logger.info("%s: chosen settings %s", task, chosen)
         specs = final_specs(task, chosen, options.seeds, overrides)
         if "final" in options.phases and not options.aggregate_only:
-            run_specs(specs, options.jobs)
+            failed += run_specs(specs, options.jobs)
         extras = {
             "ablation": ablation_specs(task, chosen, options.seeds, overrides),
             "diagnostic": diagnostic_specs(task, chosen, options.seeds, overrides),
         }
         if "knobs" in options.phases and not options.aggregate_only:
-            run_specs(knob_specs(task, chosen, tune_seeds), options.jobs)
+            failed += run_specs(knob_specs(task, chosen, tune_seeds), options.jobs)
         for phase, phase_specs in extras.items():
             if phase in options.phases and not options.aggregate_only:
-                run_specs(phase_specs, options.jobs)
+                failed += run_specs(phase_specs, options.jobs)
         runs = load_runs(specs)
         if not runs:
             continue
@@ -678,6 +678,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         (RESULTS / f"learning_{task}.json").write_text(json.dumps(report, indent=2))
         plot(report, RESULTS / f"learning_{task}.png")
         logger.info("wrote %s", RESULTS / f"learning_{task}.json")
+    if failed:  # the reports above use the runs that exist; the failures must not pass unnoticed
+        logger.error(
+            "%d runs failed: %s", len(failed), "; ".join(str(spec.path.with_suffix(".log")) for spec in failed)
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":
