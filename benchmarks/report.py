@@ -628,7 +628,7 @@ NOTES = """
   remaining knob alone from PRIME's chosen settings (the "Other knobs" table of each task; validation, 2 seeds):
   K=8 at the same 32-row batch, a 64-row batch, ``process_reward_norm="none"``, ``prm_update="double"`` and the
   DPO PRM loss. None lifts PRIME above outcome-only RLOO: the 64-row batch helps both methods alike (default
-  80.3% vs RLOO 81.2%, hard 76.1% vs 76.2%), K=8 and the double update are worse, no normalisation is worse and
+  80.2% vs RLOO 81.2%, hard 76.1% vs 76.2%), K=8 and the double update are worse, no normalisation is worse and
   unstable on the hard task, and the DPO loss is level with the CE loss (default 78.6%, hard 72.5% vs RLOO's
   79.0% / 72.2%). Not tried within the CPU budget: longer runs, process-reward coefficients other than 1.
 - **Where the time goes.** In the learning runs PRIME's median training step is ~1.3x RLOO's / GRPO's (the
