@@ -583,10 +583,8 @@ def run_score(argv: list[str]) -> int:
 
 def run_demo(argv: list[str]) -> int:
     (args,), _, _ = _parse(make_demo_parser(), argv, "demo")
-    try:
-        from prime_trl.demo.run import run_demo as demo
-    except ImportError as error:
-        raise CLIError(f"the demo runner is not available in this installation ({error}).") from error
+    from prime_trl.demo.run import run_demo as demo  # ships with the package; a failure here is a broken install
+
     # Only what was set, so that the runner's own defaults apply to the rest.
     kwargs: dict[str, Any] = {"seed": args.seed, "quick": args.quick}
     kwargs.update({name: getattr(args, name) for name in ("steps", "output_dir") if getattr(args, name) is not None})
