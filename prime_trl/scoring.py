@@ -46,7 +46,9 @@ __all__ = [
     "ScoreArguments",
     "ScoredResponse",
     "aggregate",
+    "encode_responses",
     "html_page",
+    "implicit_rewards",
     "load_problems",
     "load_prm",
     "rerank",
@@ -267,7 +269,7 @@ def _token_pieces(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int]]
     return spans
 
 
-def _encode(tokenizer, prompts: Sequence[str], responses: Sequence[str], append_eos: bool) -> CompletionBatch:
+def encode_responses(tokenizer, prompts: Sequence[str], responses: Sequence[str], append_eos: bool) -> CompletionBatch:
     """Prompts left-padded, responses right-padded (+ EOS), as TRL's generation batches are laid out."""
     pad = tokenizer.pad_token_id
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -296,6 +298,55 @@ def _encode(tokenizer, prompts: Sequence[str], responses: Sequence[str], append_
 
 
 @torch.no_grad()
+def implicit_rewards(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    beta: float = 0.05,
+    adapter_name: str = "prm",
+    append_eos: bool = True,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[tuple[list[int], torch.Tensor]]:
+    """For each response, its scored token ids and their implicit rewards ``beta * (log pi_prm - log pi_ref)``
+    (``[T_i]`` on the CPU, the appended EOS last): the PRM adapter against the same model with every adapter
+    disabled. Both passes see the same rows, so an untrained (zero) PRM gives exactly zero rewards."""
+    from trl.trainer.utils import use_adapter
+
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"The model has no adapter {adapter_name!r}; adapters: {list(model.peft_config)}.")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scored: list[tuple[list[int], torch.Tensor]] = []
+    starts = range(0, len(prompts), batch_size)
+    try:
+        for start in tqdm(starts, desc="implicit rewards", unit="batch", disable=not progress or len(starts) < 2):
+            batch = encode_responses(
+                tokenizer, prompts[start : start + batch_size], responses[start : start + batch_size], append_eos
+            )
+            batch = CompletionBatch(
+                *(
+                    t.to(device)
+                    for t in (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+                )
+            )
+            with use_adapter(model, None):  # reference: the base with every adapter off
+                ref_logps = completion_log_probs(model, batch, fused=False)
+            with use_adapter(model, adapter_name):
+                prm_logps = completion_log_probs(model, batch, fused=False)
+            rewards = implicit_token_rewards(prm_logps, ref_logps, batch.completion_mask.float(), beta).cpu()
+            for i, length in enumerate(batch.completion_mask.sum(-1).tolist()):
+                scored.append((batch.completion_ids[i, :length].tolist(), rewards[i, :length]))
+    finally:
+        model.train(was_training)
+    return scored
+
+
 def score_responses(
     model,
     tokenizer,
@@ -321,35 +372,21 @@ def score_responses(
         step_split: see `split_steps`.
         append_eos: score an EOS token after each response (training completions end with one).
     """
-    from trl.trainer.utils import use_adapter
-
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    if adapter_name not in model.peft_config:
-        raise ValueError(f"The model has no adapter {adapter_name!r}; adapters: {list(model.peft_config)}.")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    token_rewards = implicit_rewards(
+        model,
+        tokenizer,
+        prompts,
+        responses,
+        beta=beta,
+        adapter_name=adapter_name,
+        append_eos=append_eos,
+        batch_size=batch_size,
+        progress=progress,
+    )
     results: list[ScoredResponse] = []
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="implicit rewards", unit="batch", disable=not progress or len(starts) < 2):
-        chunk_prompts = list(prompts[start : start + batch_size])
-        chunk_responses = list(responses[start : start + batch_size])
-        batch = _encode(tokenizer, chunk_prompts, chunk_responses, append_eos)
-        batch = CompletionBatch(
-            *(t.to(device) for t in (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask))
-        )
-        with use_adapter(model, None):  # reference: the base with every adapter off
-            ref_logps = completion_log_probs(model, batch, fused=False)
-        with use_adapter(model, adapter_name):
-            prm_logps = completion_log_probs(model, batch, fused=False)
-        rewards = implicit_token_rewards(prm_logps, ref_logps, batch.completion_mask.float(), beta).cpu()
-        for i, (prompt, text) in enumerate(zip(chunk_prompts, chunk_responses)):
-            length = int(batch.completion_mask[i].sum())
-            ids = batch.completion_ids[i, :length].tolist()
-            text_ids = ids[:-1] if append_eos else ids
-            results.append(_scored(tokenizer, prompt, text, text_ids, rewards[i, :length].tolist(), step_split))
-    model.train(was_training)
+    for prompt, text, (ids, rewards) in zip(prompts, responses, token_rewards, strict=True):
+        text_ids = ids[:-1] if append_eos else ids
+        results.append(_scored(tokenizer, prompt, text, text_ids, rewards.tolist(), step_split))
     return results
 
 

@@ -12,14 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from prime_trl.demo.metrics import (
-    completion_batch,
-    heldout_prm_accuracy,
-    implicit_token_rewards_for,
-    localisation,
-    localisation_hit,
-    process_metrics,
-)
+from prime_trl.demo.metrics import heldout_prm_accuracy, localisation, localisation_hit, process_metrics
 from prime_trl.demo.model import ModelConfig, build_demo_model, build_demo_tokenizer
 from prime_trl.demo.task import (
     first_wrong_step,
@@ -27,6 +20,7 @@ from prime_trl.demo.task import (
     step_reward_sums,
     step_token_spans,
 )
+from prime_trl.scoring import encode_responses, implicit_rewards
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -117,9 +111,9 @@ def test_heldout_prm_accuracy_orders_pairs_within_groups():
     assert heldout_prm_accuracy([0.2, 0.1, 0.0], [1.0, 0.5, 0.0], group_size=3) == pytest.approx(1.0)
 
 
-def test_completion_batch_pads_like_trl_and_appends_eos():
+def test_demo_completions_are_encoded_like_trl_with_eos():
     tokenizer = build_demo_tokenizer()
-    batch = completion_batch(tokenizer, ["Q:1+2=?A:", PROMPT], ["1+2=3;\\boxed{3}", WRONG_AT_1])
+    batch = encode_responses(tokenizer, ["Q:1+2=?A:", PROMPT], ["1+2=3;\\boxed{3}", WRONG_AT_1], append_eos=True)
     assert batch.prompt_mask[0, 0] == 0 and batch.prompt_mask[1].all()  # prompts left-padded
     lengths = batch.completion_mask.sum(-1).tolist()
     assert lengths == [len("1+2=3;\\boxed{3}") + 1, len(WRONG_AT_1) + 1]  # char tokens + EOS
@@ -143,7 +137,7 @@ def peft_demo_model():
 def test_untrained_prm_gives_zero_rewards_and_chance_localisation(peft_demo_model):
     model, tokenizer = peft_demo_model
     completions = [[WRONG_AT_1, "5*3=16;7+16=23;23-4=19;\\boxed{19}"], ["5*3=15;7+15=22;22-4=18;\\boxed{18}", "1"]]
-    rewards = implicit_token_rewards_for(model, tokenizer, [PROMPT] * 2, completions[0])
+    rewards = [row for _, row in implicit_rewards(model, tokenizer, [PROMPT] * 2, completions[0])]
     assert [len(r) for r in rewards] == [len(c) + 1 for c in completions[0]]
     assert all(torch.equal(r, torch.zeros_like(r)) for r in rewards)
     metrics = process_metrics(model, tokenizer, [PROMPT, PROMPT], completions, [[0.0, 0.0], [1.0, 0.0]])
@@ -160,7 +154,7 @@ def test_trained_prm_adapter_changes_the_rewards(peft_demo_model):
             if ".prm." in name and "lora_B" in name:
                 param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
     try:
-        (rewards,) = implicit_token_rewards_for(model, tokenizer, [PROMPT], [WRONG_AT_1], beta=0.1)
+        ((_, rewards),) = implicit_rewards(model, tokenizer, [PROMPT], [WRONG_AT_1], beta=0.1)
         assert rewards.abs().sum() > 0
     finally:
         with torch.no_grad():

@@ -15,7 +15,7 @@ from prime_trl.scoring import (
     Candidate,
     Problem,
     ScoredResponse,
-    _encode,
+    encode_responses,
     html_page,
     rerank,
     score_responses,
@@ -148,7 +148,7 @@ def train_prm(model, tokenizer, rows, steps):
     prompts = [render_prompt(tokenizer, row["prompt"]) for row in rows for _ in row["responses"]]
     responses = [r for row in rows for r in row["responses"]]
     labels = torch.tensor([label for row in rows for label in row["labels"]])
-    batch = _encode(tokenizer, prompts, responses, append_eos=True)
+    batch = encode_responses(tokenizer, prompts, responses, append_eos=True)
     prm = ImplicitPRM(model, "prm", beta=BETA, micro_batch_size=len(responses))
     prm.create_optimizer(learning_rate=1e-2)
     model.train()

@@ -21,18 +21,14 @@ from typing import Any
 import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
-from trl.trainer.utils import use_adapter
 
-from prime_trl import core
 from prime_trl.demo.task import first_wrong_step, problem_from_prompt, step_reward_sums, step_token_spans
-from prime_trl.prm import CompletionBatch, completion_log_probs
+from prime_trl.scoring import implicit_rewards
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "completion_batch",
     "heldout_prm_accuracy",
-    "implicit_token_rewards_for",
     "localisation",
     "localisation_hit",
     "process_metrics",
@@ -40,61 +36,6 @@ __all__ = [
 
 # Step sums closer than this count as tied: an untrained (zero) PRM gives exactly 0.0 for every step.
 _TIE_TOLERANCE = 1e-9
-
-
-def completion_batch(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
-) -> CompletionBatch:
-    """Token tensors as TRL builds them: prompts left-padded, completions right-padded with their EOS.
-
-    The completions are decoded texts (special tokens removed), so an EOS is appended to each, as the policy
-    emits it; the rare completion cut at the length limit therefore gets one EOS too many (it is not part of
-    any step, so step sums are unaffected).
-    """
-    enc = tokenizer(list(prompts), padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
-    rows = [
-        ids + [tokenizer.eos_token_id] for ids in tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    ]
-    width = max(len(r) for r in rows)
-    completion_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        completion_ids[i, : len(ids)] = torch.tensor(ids)
-        completion_mask[i, : len(ids)] = 1
-    return CompletionBatch(enc["input_ids"], enc["attention_mask"], completion_ids, completion_mask)
-
-
-@torch.no_grad()
-def implicit_token_rewards_for(
-    model: PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    prm_adapter: str = "prm",
-    beta: float = 0.05,
-    batch_size: int = 256,
-) -> list[torch.Tensor]:
-    """Implicit token rewards ``beta * (log pi_prm - log pi_ref)`` of each completion (one ``[T_i]`` tensor each,
-    completion positions from 0, EOS last): the PRM adapter against the same model with adapters disabled."""
-    was_training = model.training
-    model.eval()
-    out: list[torch.Tensor] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = completion_batch(
-                tokenizer, prompts[start : start + batch_size], completions[start : start + batch_size]
-            )
-            # The same rows go through both passes, so an untrained PRM gives exactly zero rewards.
-            with use_adapter(model, None):
-                ref = completion_log_probs(model, batch, fused=False)
-            with use_adapter(model, prm_adapter):
-                prm = completion_log_probs(model, batch, fused=False)
-            rewards = core.implicit_token_rewards(prm, ref, batch.completion_mask.float(), beta)
-            lengths = batch.completion_mask.sum(-1).tolist()
-            out.extend(rewards[i, :n].cpu() for i, n in enumerate(lengths))
-    finally:
-        model.train(was_training)
-    return out
 
 
 def heldout_prm_accuracy(sequence_rewards: Sequence[float], labels: Sequence[float], group_size: int) -> float:
@@ -179,7 +120,10 @@ def process_metrics(
     flat_prompts = [p for p, comps in zip(prompts, completions) for _ in comps]
     flat_completions = [c for comps in completions for c in comps]
     flat_rewards = [r for row in rewards for r in row]
-    token_rewards = implicit_token_rewards_for(model, tokenizer, flat_prompts, flat_completions, prm_adapter, beta)
+    scored = implicit_rewards(
+        model, tokenizer, flat_prompts, flat_completions, beta=beta, adapter_name=prm_adapter, batch_size=256
+    )
+    token_rewards = [row_rewards for _, row_rewards in scored]
 
     group_size = len(completions[0])
     prm_accuracy = heldout_prm_accuracy([float(t.sum()) for t in token_rewards], flat_rewards, group_size)
