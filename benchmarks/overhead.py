@@ -68,7 +68,7 @@ def worker(variant: str, size: str, steps: int, warmup: int, model_dir: str) -> 
     from trl import GRPOConfig, GRPOTrainer
 
     from prime_trl import PRIMEConfig, PRIMETrainer
-    from prime_trl.prm import ImplicitPRM, completion_log_probs
+    from prime_trl.algo.prm import ImplicitPRM, completion_log_probs
 
     shape = SIZES[size]
 

@@ -3,7 +3,7 @@
 The policy is a LoRA adapter, the implicit process reward model (PRM) a second LoRA adapter on the same frozen
 base, and the reference that base with adapters disabled.
 
-`PRIMEConfig` and `PRIMETrainer` are imported on first use, so that light modules (`prime_trl.core`,
+`PRIMEConfig` and `PRIMETrainer` are imported on first use, so that light modules (`prime_trl.algo.core`,
 `prime_trl.rewards`, `prime_trl.data`) do not pull in TRL.
 """
 
@@ -19,17 +19,17 @@ __version__ = "0.1.0"
 __all__ = ["PRIMEConfig", "PRIMETrainer", "__version__"]
 
 if TYPE_CHECKING:
-    from .config import PRIMEConfig
-    from .trainer import PRIMETrainer
+    from .trainer.prime_config import PRIMEConfig
+    from .trainer.prime_trainer import PRIMETrainer
 
 
 def __getattr__(name: str):
     if name == "PRIMEConfig":
-        from .config import PRIMEConfig
+        from .trainer.prime_config import PRIMEConfig
 
         return PRIMEConfig
     if name == "PRIMETrainer":
-        from .trainer import PRIMETrainer
+        from .trainer.prime_trainer import PRIMETrainer
 
         return PRIMETrainer
     raise AttributeError(f"module 'prime_trl' has no attribute {name!r}")

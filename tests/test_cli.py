@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from prime_trl import cli
-from prime_trl.cli import main, parse_train_args
+from prime_trl.apps import cli
+from prime_trl.apps.cli import main, parse_train_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -45,7 +45,7 @@ def test_help_works_for_every_subcommand(command, capsys):
 
 
 def test_console_script_is_installed():
-    """pyproject's [project.scripts] entry point runs `prime_trl.cli:main`."""
+    """pyproject's [project.scripts] entry point runs `prime_trl.apps.cli:main`."""
     script = Path(sys.executable).with_name("prime-trl")
     assert script.exists()
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
@@ -158,7 +158,7 @@ def test_launch_options_are_split_off_and_values_kept(monkeypatch):
     assert main(["train", *argv]) == 0
     args = captured["args"]
     assert args.multi_gpu and args.num_processes == 2  # torchrun launcher: N processes also on CPU
-    assert args.module and args.training_script == "prime_trl.cli"
+    assert args.module and args.training_script == "prime_trl.apps.cli"
     assert args.training_script_args == ["train", *script_argv]
 
 

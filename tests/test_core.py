@@ -1,11 +1,11 @@
-"""Hand-checked examples for prime_trl.core (the arithmetic is in the comments) and PRIME's key properties."""
+"""Hand-checked examples for prime_trl.algo.core (the arithmetic is in the comments) and PRIME's key properties."""
 
 import math
 
 import pytest
 import torch
 
-from prime_trl import core
+from prime_trl.algo import core
 
 
 def t(values):

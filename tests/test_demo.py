@@ -12,6 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from prime_trl.apps.scoring import encode_responses, implicit_rewards
 from prime_trl.demo.metrics import heldout_prm_accuracy, localisation, localisation_hit, process_metrics
 from prime_trl.demo.model import ModelConfig, build_demo_model, build_demo_tokenizer
 from prime_trl.demo.task import (
@@ -20,7 +21,6 @@ from prime_trl.demo.task import (
     step_reward_sums,
     step_token_spans,
 )
-from prime_trl.scoring import encode_responses, implicit_rewards
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))

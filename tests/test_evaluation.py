@@ -1,4 +1,4 @@
-"""prime_trl.evaluation: pass@k and maj@k arithmetic, grading of real benchmark rows, and the evaluation loop."""
+"""prime_trl.apps.evaluation: pass@k and maj@k arithmetic, grading of real benchmark rows, and the evaluation loop."""
 
 import itertools
 import json
@@ -6,7 +6,7 @@ from math import comb
 
 import pytest
 
-from prime_trl.evaluation import EvalArguments, Generation, evaluate, majority_vote, pass_at_k
+from prime_trl.apps.evaluation import EvalArguments, Generation, evaluate, majority_vote, pass_at_k
 
 # ----- metrics ------------------------------------------------------------------------------------------------
 

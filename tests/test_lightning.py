@@ -18,8 +18,8 @@ from peft import LoraConfig, PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from prime_trl import PRIMEConfig, PRIMETrainer  # noqa: E402
+from prime_trl.algo.prm import CompletionBatch  # noqa: E402
 from prime_trl.lightning import PRIMEDataModule, PRIMEModule, PRIMEModuleConfig  # noqa: E402
-from prime_trl.prm import CompletionBatch  # noqa: E402
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
 DDP_SCRIPT = Path(__file__).parent / "scripts" / "ddp_lightning.py"

@@ -1,11 +1,11 @@
-"""The shared PRM machinery (prime_trl.prm): exactness at step 0 and correct gradients under checkpointing."""
+"""The shared PRM machinery (prime_trl.algo.prm): exactness at step 0 and correct gradients under checkpointing."""
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from prime_trl.prm import CompletionBatch, ImplicitPRM, add_prm_adapter, default_prm_lora_config
+from prime_trl.algo.prm import CompletionBatch, ImplicitPRM, add_prm_adapter, default_prm_lora_config
 
 
 def build_host(model_dir, randomize=True, seed=0):

@@ -6,7 +6,7 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from prime_trl import PRIMEConfig, PRIMETrainer
-from prime_trl.quantization import is_quantized, protect_4bit_base
+from prime_trl.trainer.quantization import is_quantized, protect_4bit_base
 
 bnb = pytest.importorskip("bitsandbytes")
 from helpers import coin_reward  # noqa: E402

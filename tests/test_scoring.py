@@ -1,4 +1,4 @@
-"""prime_trl.scoring and `prime-trl score`: steps, implicit rewards, best-of-N reranking, the HTML heat map."""
+"""prime_trl.apps.scoring and `prime-trl score`: steps, implicit rewards, best-of-N reranking, the HTML heat map."""
 
 import json
 import random
@@ -8,10 +8,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prime_trl.cli import main
-from prime_trl.evaluation import render_prompt
-from prime_trl.prm import ImplicitPRM, save_adapter
-from prime_trl.scoring import (
+from prime_trl.algo.prm import ImplicitPRM, save_adapter
+from prime_trl.apps.cli import main
+from prime_trl.apps.evaluation import render_prompt
+from prime_trl.apps.scoring import (
     Candidate,
     Problem,
     ScoredResponse,
@@ -144,7 +144,7 @@ def synthetic_problem(rng, index):
 
 
 def train_prm(model, tokenizer, rows, steps):
-    """CE steps of the implicit PRM on labelled candidates (prime_trl.prm, as the trainer does)."""
+    """CE steps of the implicit PRM on labelled candidates (prime_trl.algo.prm, as the trainer does)."""
     prompts = [render_prompt(tokenizer, row["prompt"]) for row in rows for _ in row["responses"]]
     responses = [r for row in rows for r in row["responses"]]
     labels = torch.tensor([label for row in rows for label in row["labels"]])

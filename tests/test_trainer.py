@@ -10,8 +10,8 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from prime_trl import PRIMEConfig, PRIMETrainer
-from prime_trl.prm import CompletionBatch
-from prime_trl.reward_funcs import RewardFunctionError
+from prime_trl.algo.prm import CompletionBatch
+from prime_trl.rewards.reward_funcs import RewardFunctionError
 
 
 def coin_reward(completions, answer, **kwargs):
@@ -131,7 +131,7 @@ def test_full_finetune_policy_puts_prm_on_one_frozen_copy(tiny_model_dir, tmp_pa
 
 def test_full_finetune_policy_under_zero3_is_refused(tiny_model_dir, tmp_path, monkeypatch):
     # The frozen copy for the PRM cannot be made from a ZeRO-3-partitioned model; a LoRA policy is the way there.
-    monkeypatch.setattr("prime_trl.trainer.is_deepspeed_zero3_enabled", lambda: True)
+    monkeypatch.setattr("prime_trl.trainer.prime_trainer.is_deepspeed_zero3_enabled", lambda: True)
     with pytest.raises(NotImplementedError, match="LoRA adapter"):
         make_trainer(tiny_model_dir, tmp_path, peft=False)
 

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 from trl.distributed import DistributedBackend
 from trl.generation.vllm_generation import VLLMGeneration
 
-from prime_trl import vllm_sync
-from prime_trl.prm import add_prm_adapter, default_prm_lora_config
+from prime_trl.algo.prm import add_prm_adapter, default_prm_lora_config
+from prime_trl.trainer import vllm_sync
 
 
 class RecordingEngine:
@@ -146,7 +146,7 @@ def test_lora_sync_rejects_server_mode():
 def test_prm_config_may_not_save_whole_modules():
     config = LoraConfig(r=4, target_modules="all-linear", modules_to_save=["embed_tokens"])
     assert default_prm_lora_config(config).modules_to_save is None
-    from prime_trl.prm import check_lora_config
+    from prime_trl.algo.prm import check_lora_config
 
     with pytest.raises(ValueError, match="modules_to_save"):
         check_lora_config(config, "PRM")

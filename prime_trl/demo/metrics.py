@@ -22,8 +22,8 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from prime_trl.apps.scoring import implicit_rewards
 from prime_trl.demo.task import first_wrong_step, problem_from_prompt, step_reward_sums, step_token_spans
-from prime_trl.scoring import implicit_rewards
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ _TIE_TOLERANCE = 1e-9
 def heldout_prm_accuracy(sequence_rewards: Sequence[float], labels: Sequence[float], group_size: int) -> float:
     """Pairwise PRM accuracy on held-out groups of ``group_size`` consecutive completions of one prompt.
 
-    The paper's measure (as ``prime_trl.core.prm_pairwise_accuracy``: per group, pairs weighted by ``|label
+    The paper's measure (as ``prime_trl.algo.core.prm_pairwise_accuracy``: per group, pairs weighted by ``|label
     difference|``, credit when the implicit rewards order them as the labels do; mean over groups), with two
     changes for held-out data, where no accuracy filter runs: groups whose completions all have the same label
     are left out (they hold no pair to order) instead of counting 0.5, and a pair with equal rewards gets half

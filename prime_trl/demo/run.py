@@ -33,12 +33,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from prime_trl.config import PRIMEConfig
 from prime_trl.demo.metrics import process_metrics
 from prime_trl.demo.model import ModelConfig
 from prime_trl.demo.task import TaskConfig, answer_reward, make_splits, problem_from_prompt
 from prime_trl.demo.warmstart import SFTConfig, evaluate_accuracy, get_warm_start
-from prime_trl.trainer import PRIMETrainer
+from prime_trl.trainer.prime_config import PRIMEConfig
+from prime_trl.trainer.prime_trainer import PRIMETrainer
 
 logger = logging.getLogger(__name__)
 

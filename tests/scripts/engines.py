@@ -8,7 +8,7 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from prime_trl import PRIMEConfig, PRIMETrainer
-from prime_trl.distributed import full_parameters, full_tensor
+from prime_trl.algo.distributed import full_parameters, full_tensor
 
 
 def engine_args(engine: str) -> dict:

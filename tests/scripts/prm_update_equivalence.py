@@ -15,8 +15,8 @@ torch.set_num_threads(1)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from prime_trl.distributed import full_parameters  # noqa: E402
-from prime_trl.prm import CompletionBatch, ImplicitPRM, add_prm_adapter, default_prm_lora_config  # noqa: E402
+from prime_trl.algo.distributed import full_parameters  # noqa: E402
+from prime_trl.algo.prm import CompletionBatch, ImplicitPRM, add_prm_adapter, default_prm_lora_config  # noqa: E402
 
 
 def build(model_dir):

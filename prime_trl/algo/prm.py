@@ -1,6 +1,6 @@
 """The implicit PRM as a LoRA adapter: adapter set-up, log-probs at temperature 1, and the online update.
 
-Shared by `PRIMETrainer` (TRL) and `PRIMEModule` (Lightning); the math lives in `prime_trl.core`.
+Shared by `PRIMETrainer` (TRL) and `PRIMEModule` (Lightning); the math lives in `prime_trl.algo.core`.
 
 The PRM is an adapter named e.g. ``prm`` on a `peft.PeftModel`. The reference is the same model with every
 adapter disabled. With a LoRA policy this is the policy's own base (one set of base weights serves policy, PRM
@@ -22,7 +22,8 @@ from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_mode
 from peft.utils import load_peft_weights
 from trl.trainer.utils import use_adapter
 
-from . import core, distributed
+import prime_trl.algo.core as core
+import prime_trl.algo.distributed as distributed
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ step (PRIME_SPEC.md section 2) on this process's ``B_local = prompts x K`` rows:
 1. `PRIMEModule.generate`: ``K`` completions per prompt with the policy adapter active (rows of a group contiguous);
 2. `PRIMEModule.score_completions`: the reward functions, gathered over processes -> ``[B_global, n_funcs]``;
 3-6. `PRIMEModule.compute_advantages`: accuracy filter, reference / PRM log-probs, the online PRM update and the
-   per-token advantages. It calls `prime_trl.algorithm.prime_advantages`, the very function `PRIMETrainer` calls,
-   with an `ImplicitPRM` built from the same `prime_trl.prm` pieces, so both paths compute the same tensors;
+   per-token advantages. It calls `prime_trl.algo.step.prime_advantages`, the very function `PRIMETrainer` calls,
+   with an `ImplicitPRM` built from the same `prime_trl.algo.prm` pieces, so both paths compute the same tensors;
 4. `PRIMEModule.policy_update`: TRL's clipped surrogate (``loss_type="grpo"``) and one policy optimizer step.
 
 Optimisation is manual with two optimizers: the policy adapter's AdamW, stepped here (Lightning counts its steps, so
@@ -49,13 +49,12 @@ try:
     from lightning.pytorch.utilities.warnings import PossibleUserWarning
 except ImportError as error:  # pragma: no cover - exercised only without the extra installed
     raise ImportError(
-        "prime_trl.lightning needs PyTorch Lightning: pip install 'prime-trl[lightning]' (or pip install lightning)."
+        "prime_trl.lightning.module needs PyTorch Lightning: pip install 'prime-trl[lightning]' (or pip install lightning)."
     ) from error
 
-from . import core, distributed
-from .algorithm import PRIMESettings, PRIMEStep, labels_and_outcome, prime_advantages
-from .config import PRIMEConfig, validate_prime_settings
-from .prm import (
+import prime_trl.algo.core as core
+import prime_trl.algo.distributed as distributed
+from prime_trl.algo.prm import (
     CompletionBatch,
     ImplicitPRM,
     adapter_parameters,
@@ -65,10 +64,12 @@ from .prm import (
     make_implicit_prm,
     save_adapter,
 )
+from prime_trl.algo.step import PRIMESettings, PRIMEStep, labels_and_outcome, prime_advantages
 
 # The reward-function guard and the dataset check are PRIMETrainer's, shared rather than copied.
-from .reward_funcs import check_dataset_columns, guard_reward_function, resolve_verifier
-from .trainer import PRM_DIR_NAME
+from prime_trl.rewards.reward_funcs import check_dataset_columns, guard_reward_function, resolve_verifier
+from prime_trl.trainer.prime_config import PRIMEConfig, validate_prime_settings
+from prime_trl.trainer.prime_trainer import PRM_DIR_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ class PRIMEModule(pl.LightningModule):
         ```python
         import lightning
         from peft import LoraConfig
-        from prime_trl.lightning import PRIMEDataModule, PRIMEModule, PRIMEModuleConfig
+        from prime_trl.lightning.module import PRIMEDataModule, PRIMEModule, PRIMEModuleConfig
         from prime_trl.rewards import math_reward
 
         module = PRIMEModule("Qwen/Qwen2.5-0.5B-Instruct", math_reward, PRIMEModuleConfig(max_completion_length=1024),

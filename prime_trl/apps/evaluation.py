@@ -2,7 +2,7 @@
 
 Used by ``prime-trl eval`` and reusable from Python::
 
-    from prime_trl.evaluation import EvalArguments, evaluate
+    from prime_trl.apps.evaluation import EvalArguments, evaluate
 
     summary = evaluate(EvalArguments(model="Qwen/Qwen2.5-0.5B-Instruct", adapter="qwen-prime", data="math500",
                                      num_samples=8))

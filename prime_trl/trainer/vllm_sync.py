@@ -29,7 +29,7 @@ from typing import Any
 from peft import PeftModel
 from trl.trainer.utils import use_adapter
 
-from .prm import save_adapter
+from prime_trl.algo.prm import save_adapter
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from prime_trl.core import implicit_token_rewards
-from prime_trl.prm import CompletionBatch, completion_log_probs
+from prime_trl.algo.core import implicit_token_rewards
+from prime_trl.algo.prm import CompletionBatch, completion_log_probs
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def load_prm(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prime_trl.evaluation import _resolve_dtype
+    from prime_trl.apps.evaluation import _resolve_dtype
 
     prm_dir = resolve_prm_dir(prm)
     if model is None:
@@ -519,7 +519,7 @@ def _fill_labels_and_answers(problems: list[Problem], reward_fn: Callable | None
             if candidate.label is None and gradable:
                 to_grade.append((problem, candidate, task))
     if to_grade:
-        from prime_trl.evaluation import grade_completions
+        from prime_trl.apps.evaluation import grade_completions
 
         rows = [
             {"task": task, **{k: p.row.get(k, "") for k in ("answer", "tests", "code_prefix", "entry_point")}}
@@ -555,7 +555,7 @@ def rerank(
         ``sigmoid(r(y))``) when answers are available, ``oracle`` (some candidate is correct), and ``choices``:
         per problem, the chosen index and every candidate's score.
     """
-    from prime_trl.evaluation import majority_vote
+    from prime_trl.apps.evaluation import majority_vote
 
     stats: dict[str, list[float]] = {"prm_rerank": [], "random": [], "oracle": []}
     votes: dict[str, list[float]] = {"majority_vote": [], "prm_weighted_vote": []}
@@ -596,7 +596,7 @@ def rerank(
 
 
 def _weighted_vote(answers: Sequence[str | None], correct: Sequence[float], weights: Sequence[float]) -> float:
-    from prime_trl.evaluation import _normalize_answer
+    from prime_trl.apps.evaluation import _normalize_answer
 
     totals: dict[str, float] = {}
     members: dict[str, list[float]] = {}

@@ -12,8 +12,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from . import core, distributed
-from .prm import CompletionBatch, ImplicitPRM, PRMOutput
+import prime_trl.algo.core as core
+import prime_trl.algo.distributed as distributed
+from prime_trl.algo.prm import CompletionBatch, ImplicitPRM, PRMOutput
 
 
 @dataclass

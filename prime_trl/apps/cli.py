@@ -3,7 +3,7 @@
 ``prime-trl train`` works like ``trl grpo``: TRL's `TrlParser` over `PRIMEScriptArguments`, `PRIMEConfig`, TRL's
 `ModelConfig` and `DatasetMixtureConfig`, so every field is a ``--flag`` and ``--config file.yaml`` supplies
 defaults that flags override. Options of ``accelerate launch`` (``--num_processes``, ``--config_file``,
-``--accelerate_config``, ...) re-run the command under ``accelerate launch -m prime_trl.cli``; any other unknown
+``--accelerate_config``, ...) re-run the command under ``accelerate launch -m prime_trl.apps.cli``; any other unknown
 flag or YAML key is an error that names it.
 
 See docs/cli.md for the user guide.
@@ -23,7 +23,7 @@ from typing import Any
 
 from trl import ScriptArguments  # light: does not import torch or transformers
 
-logger = logging.getLogger("prime_trl.cli")
+logger = logging.getLogger("prime_trl.apps.cli")
 
 # Set in the environment of processes started by `prime-trl train` through accelerate, so that they train
 # instead of launching again (their YAML may still hold launch options such as num_processes).
@@ -101,7 +101,7 @@ class DemoArguments:
 def _train_dataclasses() -> tuple[type, ...]:
     from trl import DatasetMixtureConfig, ModelConfig
 
-    from prime_trl.config import PRIMEConfig
+    from prime_trl.trainer.prime_config import PRIMEConfig
 
     return (PRIMEScriptArguments, PRIMEConfig, ModelConfig, DatasetMixtureConfig)
 
@@ -142,7 +142,7 @@ def make_train_parser():
 
 
 def make_eval_parser():
-    from prime_trl.evaluation import EvalArguments
+    from prime_trl.apps.evaluation import EvalArguments
 
     return _parser(
         (EvalArguments,),
@@ -159,7 +159,7 @@ def make_eval_parser():
 
 
 def make_score_parser():
-    from prime_trl.scoring import ScoreArguments
+    from prime_trl.apps.scoring import ScoreArguments
 
     return _parser(
         (ScoreArguments,),
@@ -314,7 +314,7 @@ def launch(launch_args: list[str], script_argv: list[str]) -> None:
         # starts ONE process. The multi-GPU launcher is torchrun: N processes, NCCL on GPUs, gloo on CPU.
         launch_args = ["--multi_gpu", *launch_args]
     os.environ[_LAUNCHED_ENV] = "1"
-    command = [*launch_args, "--module", "prime_trl.cli", "train", *script_argv]
+    command = [*launch_args, "--module", "prime_trl.apps.cli", "train", *script_argv]
     logger.info("accelerate launch %s", " ".join(command))
     launch_command(launch_command_parser().parse_args(command))
 
@@ -452,7 +452,7 @@ def train(script_args, training_args, model_args, dataset_args):
     """Build a `PRIMETrainer` from parsed arguments, train, and save both adapters. Returns the trainer."""
     from trl import get_peft_config, get_quantization_config
 
-    from prime_trl.trainer import PRIMETrainer
+    from prime_trl.trainer.prime_trainer import PRIMETrainer
 
     model = resolve_model(model_args.model_name_or_path, training_args)
     train_dataset, eval_dataset = load_train_datasets(script_args, training_args, dataset_args)
@@ -517,7 +517,7 @@ def run_train(argv: list[str]) -> int:
 
 
 def run_eval(argv: list[str]) -> int:
-    from prime_trl.evaluation import evaluate, format_summary
+    from prime_trl.apps.evaluation import evaluate, format_summary
 
     (args,), _, _ = _parse(make_eval_parser(), argv, "eval")
     summary = evaluate(args)
@@ -528,8 +528,8 @@ def run_eval(argv: list[str]) -> int:
 def run_score(argv: list[str]) -> int:
     import json
 
-    from prime_trl.evaluation import _math_equivalent, render_prompt
-    from prime_trl.scoring import (
+    from prime_trl.apps.evaluation import _math_equivalent, render_prompt
+    from prime_trl.apps.scoring import (
         format_rerank,
         format_steps,
         html_page,

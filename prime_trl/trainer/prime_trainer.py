@@ -3,7 +3,7 @@
 TRL generates, scores with the reward functions and runs the clipped policy loss. This subclass only changes
 what happens between scoring and the loss (`_generate_and_score_completions`): the accuracy filter, the online
 PRM update, implicit token rewards and PRIME's per-token advantages, which TRL's `_compute_loss` accepts as
-``[B, T]``. The formulas are in `prime_trl.core`, the PRM adapter machinery in `prime_trl.prm`.
+``[B, T]``. The formulas are in `prime_trl.algo.core`, the PRM adapter machinery in `prime_trl.algo.prm`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
-from .algorithm import PRIMESettings, labels_and_outcome, prime_advantages
-from .config import PRIMEConfig
-from .prm import (
+from prime_trl.algo.prm import (
     CompletionBatch,
     ImplicitPRM,
     adapter_parameters,
@@ -39,9 +37,11 @@ from .prm import (
     make_implicit_prm,
     save_adapter,
 )
-from .quantization import is_quantized, protect_4bit_base
-from .reward_funcs import check_dataset_columns, guard_reward_function, resolve_verifier
-from .vllm_sync import LoRAAdapterSync, engine_with_lora, guard_merge_sync, resolve_sync_mode
+from prime_trl.algo.step import PRIMESettings, labels_and_outcome, prime_advantages
+from prime_trl.rewards.reward_funcs import check_dataset_columns, guard_reward_function, resolve_verifier
+from prime_trl.trainer.prime_config import PRIMEConfig
+from prime_trl.trainer.quantization import is_quantized, protect_4bit_base
+from prime_trl.trainer.vllm_sync import LoRAAdapterSync, engine_with_lora, guard_merge_sync, resolve_sync_mode
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class PRIMETrainer(GRPOTrainer):
         return host
 
     def _install_vllm_sync(self, sync_mode: str | None) -> None:
-        """The policy adapter, and only it, reaches vLLM (see prime_trl.vllm_sync)."""
+        """The policy adapter, and only it, reaches vLLM (see prime_trl.trainer.vllm_sync)."""
         if sync_mode == "merge" and isinstance(self.model, PeftModel):
             guard_merge_sync(self.vllm_generation, self.model)
         elif sync_mode == "lora":
