@@ -643,7 +643,7 @@ NOTES = """
   generation at 90% of the step (long chains of thought with vLLM, the paper's regime) the same work is about +15%,
   the paper's +24% with separate models. Nothing in the shared-base design adds time over separate models (the
   separate variant is ~1.7x GRPO here); it is the PRM's own forward and backward. Options not taken: mixing the
-  reference and PRM rows in one forward (same FLOPs; TRL_NOTES measured no CPU gain) and skipping the accuracy
+  reference and PRM rows in one forward (same FLOPs; no gain measured on CPU) and skipping the accuracy
   filter's rejected rows (already done: filtered groups never reach the PRM; the benchmark keeps every row to
   measure the worst case).
 - **Cost: memory.** Sharing one base keeps PRIME within ~4-5% of LoRA GRPO's peak memory at both sizes. Against

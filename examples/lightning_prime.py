@@ -20,7 +20,7 @@ import argparse
 import os
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only contend (see TRL_NOTES.md)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only contend
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

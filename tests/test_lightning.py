@@ -105,7 +105,7 @@ def test_fit_trains_policy_and_prm_not_base(tiny_model_dir, tmp_path):
 
 def test_gradient_checkpointing_changes_nothing(tiny_model_dir):
     """With gradient checkpointing the PRM backward re-runs its forward; it must still see the PRM adapter
-    (PRIME_SPEC trap 7) and generation must still work: two steps give the same adapters as without it."""
+    (docs/algorithm.md, easy-to-get-wrong 7) and generation must still work: two steps give the same adapters as without it."""
     runs = []
     for checkpointing in (False, True):
         module = make_module(tiny_model_dir, gradient_checkpointing=checkpointing)

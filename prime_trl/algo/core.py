@@ -1,6 +1,6 @@
 """PRIME's formulas as small pure torch functions (no model code).
 
-Shapes follow PRIME_SPEC.md section 1:
+Shapes follow docs/algorithm.md section 1:
 
 - ``B = G * K`` rows: ``G`` prompt groups of ``K = group_size`` completions each, rows of a group contiguous.
 - ``T`` completion positions; ``mask[B, T]`` is 1 on completion tokens up to and including the first EOS.
@@ -8,8 +8,9 @@ Shapes follow PRIME_SPEC.md section 1:
   reference (adapters disabled), both at temperature 1.
 - ``scores[B]``: verifier outcome scores in ``[0, 1]``.
 
-Equation numbers refer to Cui et al., "Process Reinforcement through Implicit Rewards" (arXiv:2502.01456).
-Where the official code (PRIME-RL/PRIME) and the paper differ, we follow the code and say so.
+Equation numbers ``(N)`` refer to docs/algorithm.md, which also gives the paper's own numbers (Cui et al.,
+"Process Reinforcement through Implicit Rewards", arXiv:2502.01456). Where the official code (PRIME-RL/PRIME) and
+the paper differ, we follow the code and say so (docs/algorithm.md section 4).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ _EPS_WHITEN = 1e-8
 def implicit_token_rewards(
     prm_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, beta: float
 ) -> torch.Tensor:
-    """Dense implicit process reward ``r_t = beta * log(pi_prm(y_t|y_<t) / pi_ref(y_t|y_<t))`` (Eq. 3).
+    """Dense implicit process reward ``r_t = beta * log(pi_prm(y_t|y_<t) / pi_ref(y_t|y_<t))`` (eq. 1).
 
     Args:
         prm_logps, ref_logps: ``[B, T]`` token log-probs under PRM and reference.
@@ -61,14 +62,14 @@ def implicit_token_rewards(
 def sequence_implicit_rewards(
     prm_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, beta: float
 ) -> torch.Tensor:
-    """Sequence-level implicit reward ``r(y) = beta * sum_t mask * (prm - ref)`` (Eq. 2), shape ``[B]``."""
+    """Sequence-level implicit reward ``r(y) = beta * sum_t mask * (prm - ref)`` (eq. 2), shape ``[B]``."""
     return implicit_token_rewards(prm_logps, ref_logps, mask, beta).sum(dim=-1)
 
 
 def prm_ce_loss(
     prm_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, beta: float
 ) -> torch.Tensor:
-    """Cross-entropy PRM loss (Eq. 4): BCE-with-logits of ``r(y)`` against the outcome label.
+    """Cross-entropy PRM loss (eq. 3): BCE-with-logits of ``r(y)`` against the outcome label.
 
     Args:
         prm_logps, ref_logps, mask: ``[B, T]``.
@@ -91,7 +92,7 @@ def prm_dpo_loss(
     group_log_ratios: torch.Tensor,
     group_labels: torch.Tensor,
 ) -> torch.Tensor:
-    """Pairwise (DPO-style) PRM loss of the veRL PRIME recipe (PRIME_SPEC.md section 4).
+    """Pairwise (DPO-style) PRM loss of the veRL PRIME recipe (eq. 3b).
 
     Each row is compared with the members of its group that it should beat (or lose to): a row with a positive
     label is compared with members of lower score, otherwise with members of higher score. With
@@ -126,7 +127,7 @@ def prm_dpo_loss(
 
 
 def discounted_returns(values: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
-    """Reverse discounted cumulative sum along the last axis: ``G_t = sum_{s>=t} gamma^(s-t) values_s``.
+    """Return-to-go (eq. 4), a reverse discounted cumulative sum along the last axis: ``G_t = sum_{s>=t} gamma^(s-t) values_s``.
 
     ``values`` ``[B, T]`` should already be zero on masked positions.
     """
@@ -141,7 +142,7 @@ def discounted_returns(values: torch.Tensor, gamma: float = 1.0) -> torch.Tensor
 
 
 def normalize_process_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Batch normalisation of process rewards (official ``prime_norm=batch_norm``).
+    """Batch normalisation of process rewards (eq. 5; official ``prime_norm=batch_norm``).
 
     ``Z`` is the largest absolute return-to-go ``|sum_{s>=t} rewards_s|`` over all valid positions of the batch;
     dividing by it puts every process return in ``[-1, 1]``.
@@ -161,7 +162,7 @@ def normalize_process_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torc
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(values - mu) / sqrt(var + 1e-8) * mask`` with the masked mean and unbiased (Bessel) masked variance."""
+    """Whitening (eq. 8): ``(values - mu) / sqrt(var + 1e-8) * mask`` with the masked mean and unbiased (Bessel) masked variance."""
     n = mask.sum()
     mean = (values * mask).sum() / n.clamp(min=1)
     var = (((values - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
@@ -195,10 +196,10 @@ def _group_sums(per_row: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _leave_one_out(values: torch.Tensor, source_mask: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Official-code leave-one-out: ``(K * u_t - S_g) / (K - 1)`` on the source mask, 0 elsewhere.
+    """Official-code leave-one-out (eq. 6): ``(K * u_t - S_g) / (K - 1)`` on the source mask, 0 elsewhere.
 
     ``S_g`` is the group sum of per-row means. For a one-hot outcome source this is exactly RLOO,
-    ``a_i - mean_{j != i} a_j``; for process rewards it differs from the paper's Eq. 5 by ``K / (K - 1)`` on each
+    ``a_i - mean_{j != i} a_j``; for process rewards it differs from the paper's leave-one-out by ``K / (K - 1)`` on each
     token's deviation from its row mean (we follow the code).
     """
     k = group_size
@@ -228,7 +229,7 @@ def rloo_advantages(
     gamma: float = 1.0,
     whiten: bool = True,
 ) -> torch.Tensor:
-    """PRIME's default advantage: RLOO on process and outcome rewards, returns summed (Eq. 5-6, official code).
+    """PRIME's default advantage: RLOO on process and outcome rewards, returns summed (eq. 6-8, official code).
 
     Args:
         process_rewards: ``[B, T]`` (normalised) implicit token rewards.
@@ -263,7 +264,7 @@ def grpo_prime_advantages(
     whiten: bool = False,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """GRPO-PRIME (paper appendix, Eq. 7): group-standardised outcome plus standardised process returns.
+    """GRPO-PRIME (eq. 12, paper appendix): group-standardised outcome plus standardised process returns.
 
     Outcome: ``(a_i - mean_g a) / (std_g a + eps)`` on every valid token. Process: leave-one-out centred token
     rewards (as in :func:`rloo_advantages`) divided by the group std of the row means, then discounted returns.
@@ -291,7 +292,7 @@ def reinforce_prime_advantages(
     gamma: float = 1.0,
     whiten: bool = False,
 ) -> torch.Tensor:
-    """REINFORCE-PRIME (paper appendix, Eq. 8): ``A_{i,t} = a_i + sum_{s>=t} gamma^(s-t) p_{i,s}``, no baseline.
+    """REINFORCE-PRIME (eq. 13, paper appendix): ``A_{i,t} = a_i + sum_{s>=t} gamma^(s-t) p_{i,s}``, no baseline.
 
     Shapes as in :func:`rloo_advantages` (no grouping needed); returns ``[B, T]``.
     """
@@ -313,7 +314,7 @@ def clipped_policy_loss(
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
 ) -> torch.Tensor:
-    """TRL's clipped surrogate with per-token advantages and ``loss_type="grpo"`` aggregation (PPO-clip objective).
+    """TRL's clipped surrogate with per-token advantages and ``loss_type="grpo"`` aggregation (eq. 9, PPO-clip objective).
 
     ``loss = mean_i [ sum_t mask * -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) / sum_t mask ]`` with
     ``rho = exp(logps - old_logps)``: a token mean per sequence, then the mean over sequences.
@@ -339,14 +340,14 @@ def clipped_policy_loss(
 
 
 def accuracy_filter(scores: torch.Tensor, group_size: int, low: float, high: float) -> torch.Tensor:
-    """PRIME's online prompt filter: keep group ``g`` iff ``low <= mean(scores of g) <= high``. Returns ``bool[G]``."""
+    """PRIME's online prompt filter (eq. 10): keep group ``g`` iff ``low <= mean(scores of g) <= high``. Returns ``bool[G]``."""
     _check_groups(scores.shape[0], group_size, minimum=1)
     group_mean = scores.view(-1, group_size).float().mean(-1)
     return (group_mean >= low) & (group_mean <= high)
 
 
 def prm_pairwise_accuracy(seq_rewards: torch.Tensor, scores: torch.Tensor, group_size: int) -> float:
-    """The paper's "PRM accuracy" (Fig. 5): how often the PRM orders pairs of a group as the verifier does.
+    """The paper's "PRM accuracy" (eq. 11, its Fig. 5): how often the PRM orders pairs of a group as the verifier does.
 
     Per group, over pairs ``j < k``: ``d = a_j - a_k``, ``s = r_j - r_k``;
     ``acc_g = sum |d| * [(s > 0) == (d > 0)] / sum |d|`` (0.5 when every ``d`` is 0); mean over groups.

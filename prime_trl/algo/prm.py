@@ -64,7 +64,7 @@ class CompletionBatch:
 def completion_log_probs(model: torch.nn.Module, batch: CompletionBatch, fused: bool) -> torch.Tensor:
     """Log-probs ``[B, T]`` of the completion tokens at temperature 1.
 
-    The log-prob of completion token ``t`` comes from the logits at the position before it (PRIME_SPEC trap 1).
+    The log-prob of completion token ``t`` comes from the logits at the position before it (docs/algorithm.md, easy-to-get-wrong 1).
 
     Args:
         model: a causal LM (possibly a `PeftModel`).
@@ -262,7 +262,7 @@ class PRMOutput:
 
 
 class ImplicitPRM:
-    """Owns the PRM adapter's optimizer and runs PRIME's online PRM update (PRIME_SPEC.md section 2, step 5).
+    """Owns the PRM adapter's optimizer and runs PRIME's online PRM update (docs/algorithm.md section 2, step 5).
 
     Args:
         model: the `PeftModel` carrying the adapter. In data-parallel training pass the *unwrapped* model: the
@@ -372,7 +372,7 @@ class ImplicitPRM:
         for rows in self._micro_batches(torch.arange(len(batch), device=batch.completion_ids.device)):
             micro = batch.select(rows) if rows is not None else self._placeholder(batch)
             # Reference and PRM see identical micro-batches, so at step 0 (PRM == reference) the rewards are
-            # exactly zero rather than O(1e-7) noise that normalisation would blow up (PRIME_SPEC trap 5).
+            # exactly zero rather than O(1e-7) noise that normalisation would blow up (docs/algorithm.md, easy-to-get-wrong 5).
             ref_logps = self._log_probs(micro, None)
             prm_logps = self._log_probs(micro, self.adapter_name)
             if rows is not None:
@@ -415,7 +415,7 @@ class ImplicitPRM:
                 micro = batch.select(rows) if rows is not None else self._placeholder(batch)
                 ref_logps = self._log_probs(micro, None)
                 # Forward and backward both inside the adapter context: with gradient checkpointing the backward
-                # re-runs the forward, and it must see the PRM adapter active (PRIME_SPEC trap 7).
+                # re-runs the forward, and it must see the PRM adapter active (docs/algorithm.md, easy-to-get-wrong 7).
                 with torch.enable_grad(), self._adapter(self.adapter_name), self.autocast():
                     prm_logps = completion_log_probs(self.model, micro, self.fused_log_probs)
                     if rows is None:  # placeholder pass (sharded parameters): join the collectives, add nothing

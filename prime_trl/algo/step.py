@@ -1,7 +1,7 @@
 """One PRIME scoring step, independent of the training framework.
 
 Given a batch of completions, their verifier labels and outcome rewards, this runs steps 3-6 of
-PRIME_SPEC.md section 2: accuracy filter, reference + PRM log-probs with the online PRM update, implicit token
+docs/algorithm.md section 2: accuracy filter, reference + PRM log-probs with the online PRM update, implicit token
 rewards, normalisation and per-token advantages. `PRIMETrainer` (TRL) and `PRIMEModule` (Lightning) both call
 `prime_advantages`, so the two paths compute the same tensors.
 """

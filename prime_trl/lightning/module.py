@@ -3,7 +3,7 @@
 The same algorithm as `PRIMETrainer` (TRL), for training code built on Lightning (loggers, callbacks,
 ``ModelCheckpoint``, strategies). The policy is the LoRA adapter ``default``, the implicit PRM a second LoRA adapter
 on the same frozen base, the reference that base with adapters disabled. One Lightning training step is one PRIME
-step (PRIME_SPEC.md section 2) on this process's ``B_local = prompts x K`` rows:
+step (docs/algorithm.md section 2) on this process's ``B_local = prompts x K`` rows:
 
 1. `PRIMEModule.generate`: ``K`` completions per prompt with the policy adapter active (rows of a group contiguous);
 2. `PRIMEModule.score_completions`: the reward functions, gathered over processes -> ``[B_global, n_funcs]``;
@@ -401,7 +401,7 @@ class PRIMEModule(pl.LightningModule):
 
     @torch.no_grad()
     def generate(self, rows: list[dict[str, Any]]) -> Rollout:
-        """Sample ``K`` completions per prompt with the policy adapter (PRIME_SPEC step 1).
+        """Sample ``K`` completions per prompt with the policy adapter (docs/algorithm.md, step 1).
 
         Prompts are tokenized as TRL does (chat template with the generation prompt for conversational prompts),
         left-padded; completions are cut after the first EOS and right-padded, ``completion_mask`` is 1 up to and
@@ -444,7 +444,7 @@ class PRIMEModule(pl.LightningModule):
         return Rollout(batch, prompts, completions, id_lists)
 
     def score_completions(self, rows: list[dict[str, Any]], rollout: Rollout) -> torch.Tensor:
-        """Every reward function on this process's completions, gathered over processes (PRIME_SPEC step 2).
+        """Every reward function on this process's completions, gathered over processes (docs/algorithm.md, step 2).
 
         Reward functions get ``prompts``, ``completions``, ``completion_ids`` and every other dataset column (one
         entry per completion). ``None`` scores become NaN, as in TRL.
@@ -474,7 +474,7 @@ class PRIMEModule(pl.LightningModule):
     def compute_advantages(
         self, batch: CompletionBatch, rewards_per_func: torch.Tensor, train: bool = True
     ) -> PRIMEStep:
-        """PRIME_SPEC steps 3-6 (filter, PRM update, implicit rewards, advantages) via the shared `prime_advantages`.
+        """docs/algorithm.md steps 3-6 (filter, PRM update, implicit rewards, advantages) via the shared `prime_advantages`.
 
         Args:
             batch: this process's ``B_local`` rows.
@@ -490,7 +490,7 @@ class PRIMEModule(pl.LightningModule):
         )
 
     def policy_update(self, batch: CompletionBatch, advantages: torch.Tensor) -> dict[str, float]:
-        """Clipped policy loss and ``num_iterations`` policy optimizer steps on the rows (PRIME_SPEC step 7).
+        """Clipped policy loss and ``num_iterations`` policy optimizer steps on the rows (docs/algorithm.md, step 7, eq. 9).
 
         Gradients are accumulated over micro-batches of ``per_device_train_batch_size`` rows, each weighted by its
         share of the rows so that the step's loss is the mean over all of them; DDP averages it over processes.

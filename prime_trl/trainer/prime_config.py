@@ -1,4 +1,4 @@
-"""`PRIMEConfig`: every PRIME knob as a `GRPOConfig` field, with the defaults of PRIME_SPEC.md section 5."""
+"""`PRIMEConfig`: every PRIME knob as a `GRPOConfig` field, with the official run's defaults (docs/algorithm.md)."""
 
 from __future__ import annotations
 

@@ -284,7 +284,7 @@ class PRIMETrainer(GRPOTrainer):
         return output
 
     def _prime_advantages(self, batch: CompletionBatch, rewards_per_func: torch.Tensor, mode: str) -> torch.Tensor:
-        """Per-token advantages ``[B_local, T_local]`` for this process's rows (PRIME_SPEC.md section 2, 3-6)."""
+        """Per-token advantages ``[B_local, T_local]`` for this process's rows (docs/algorithm.md section 2, steps 3-6)."""
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         labels, outcome = labels_and_outcome(rewards_per_func, self.verifier_index, self.reward_weights)
         step = prime_advantages(self.prm, batch, labels, outcome, self.prime_settings, group_size, mode == "train")

@@ -1,7 +1,7 @@
 """QLoRA helpers: keep a 4-bit (bitsandbytes) base trainable on CPU.
 
 On a CPU with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight into an inference-only layout the first
-time it runs a forward in eval mode on an input that does not require grad (TRL_NOTES.md section 5). Training
+time it runs a forward in eval mode on an input that does not require grad. Training
 forwards on a repacked layer then fail with "a view of a leaf Variable that requires grad is being used in an
 in-place operation". Evaluation, a sanity forward after ``from_pretrained`` (which returns eval mode), or a
 no-grad scoring pass can all trigger it. `protect_4bit_base` undoes any repacking already done and switches the
