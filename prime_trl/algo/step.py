@@ -8,40 +8,14 @@ rewards, normalisation and per-token advantages. `PRIMETrainer` (TRL) and `PRIME
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 import prime_trl.algo.core as core
 import prime_trl.algo.distributed as distributed
 from prime_trl.algo.prm import CompletionBatch, ImplicitPRM, PRMOutput
-
-
-@dataclass
-class PRIMESettings:
-    """The algorithm's knobs: a subset of `PRIMEConfig` with the same names and defaults (see its help texts)."""
-
-    prime_beta: float = 0.05
-    prm_update: str = "single"
-    process_reward_coef: float = 1.0
-    outcome_reward_coef: float = 1.0
-    process_reward_norm: str = "batch"
-    advantage_estimator: str = "rloo"
-    gamma: float = 1.0
-    whiten_advantages: bool = True
-    accuracy_filter: bool = True
-    accuracy_lower_bound: float = 0.2
-    accuracy_upper_bound: float = 0.8
-
-    @classmethod
-    def from_config(cls, config) -> PRIMESettings:
-        """Pick the same-named fields from a `PRIMEConfig` (or any object that has them)."""
-        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
-
-    @property
-    def uses_prm(self) -> bool:
-        """Outcome-only RLOO (process_reward_coef=0 with a frozen PRM) needs no PRM forward at all."""
-        return self.process_reward_coef > 0 or self.prm_update != "none"
+from prime_trl.algo.settings import PRIMESettings
 
 
 @dataclass

@@ -33,6 +33,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from prime_trl.algo.settings import prime_field
 from prime_trl.demo.metrics import process_metrics
 from prime_trl.demo.model import ModelConfig
 from prime_trl.demo.task import TaskConfig, answer_reward, make_splits, problem_from_prompt
@@ -64,6 +65,7 @@ EVAL_SEED = 1234  # every evaluation point samples with the same seed: curves di
 _QUICK_TASK = TaskConfig(num_operands=(2, 3), operand_range=(1, 9), operators="+")
 _QUICK_MODEL = ModelConfig(hidden_size=48, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=96)
 _QUICK_SFT = SFTConfig(num_steps=200, batch_size=32, warmup_steps=10, learning_rate=1e-2)
+_TUNED = "a tiny model from scratch learns at much larger rates; chosen on the demo task's validation split"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -75,33 +77,34 @@ _QUICK_SFT = SFTConfig(num_steps=200, batch_size=32, warmup_steps=10, learning_r
 class RLSettings:
     """Hyper-parameters of one RL run on the demo task (chosen on the validation split, see BENCHMARKS.md).
 
-    The defaults are PRIME's settings chosen on the default task's validation split (``DEMO_SETTINGS``).
+    The defaults are PRIME's settings chosen on the default task's validation split (``DEMO_SETTINGS``). The PRIME
+    knobs (``learning_rate``, ``prm_learning_rate``, ``prime_beta``, ``num_generations``, ``prm_update``,
+    ``prm_loss_type``, ``process_reward_norm``) are declared by `prime_field` from `PRIMESettings`: same meaning and
+    help text; a default that differs says why.
 
     Attributes:
         method: ``"prime"`` (PRIMETrainer), ``"rloo"`` (the same trainer, outcome-only: ``process_reward_coef=0``,
             ``prm_update="none"``, so no PRM forward at all) or ``"grpo"`` (TRL's stock `GRPOTrainer`).
-        learning_rate: policy (LoRA) learning rate, constant schedule (so the early part of a curve does not
-            depend on how long the run is).
-        prm_learning_rate, prime_beta: PRIME's PRM learning rate and ``beta`` (ignored by rloo / grpo).
-        num_generations: completions per prompt (K).
         prompts_per_step: prompts per optimizer step; the batch is ``prompts_per_step * num_generations``.
         lora_r, lora_alpha: LoRA shape of the policy (and of the PRM, which copies it).
         temperature: sampling temperature of training (and of the sampled held-out accuracy).
-        prm_update, prm_loss_type, process_reward_norm: PRIME's `PRIMEConfig` fields of the same names (prime only).
+
+    The policy learning rate uses a constant schedule (so the early part of a curve does not depend on how long the
+    run is); the PRM knobs are ignored by rloo / grpo.
     """
 
     method: str = "prime"
-    learning_rate: float = 3e-4
-    prm_learning_rate: float = 3e-3
-    prime_beta: float = 0.05
-    num_generations: int = 4
+    learning_rate: float = prime_field("learning_rate", 3e-4, why=_TUNED)
+    prm_learning_rate: float = prime_field("prm_learning_rate", 3e-3, why=_TUNED)
+    prime_beta: float = prime_field("prime_beta")
+    num_generations: int = prime_field("num_generations")
     prompts_per_step: int = 8
     lora_r: int = 16
     lora_alpha: int = 32
     temperature: float = 1.0
-    prm_update: str = "single"
-    prm_loss_type: str = "ce"
-    process_reward_norm: str = "batch"
+    prm_update: str = prime_field("prm_update")
+    prm_loss_type: str = prime_field("prm_loss_type")
+    process_reward_norm: str = prime_field("process_reward_norm")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

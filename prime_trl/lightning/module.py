@@ -32,7 +32,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -41,6 +41,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, get_scheduler
+from trl import GRPOConfig
 from trl.data_utils import is_conversational
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, get_callable_name
 
@@ -64,11 +65,12 @@ from prime_trl.algo.prm import (
     make_implicit_prm,
     save_adapter,
 )
-from prime_trl.algo.step import PRIMESettings, PRIMEStep, labels_and_outcome, prime_advantages
+from prime_trl.algo.settings import PRIMESettings
+from prime_trl.algo.step import PRIMEStep, labels_and_outcome, prime_advantages
 
 # The reward-function guard and the dataset check are PRIMETrainer's, shared rather than copied.
 from prime_trl.rewards.reward_funcs import check_dataset_columns, guard_reward_function, resolve_verifier
-from prime_trl.trainer.prime_config import PRIMEConfig, validate_prime_settings
+from prime_trl.trainer.prime_config import PRIMEConfig
 from prime_trl.trainer.prime_trainer import PRM_DIR_NAME
 
 logger = logging.getLogger(__name__)
@@ -83,10 +85,19 @@ POLICY_ADAPTER = "default"
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _grpo_field(name: str, **changes: Any) -> Any:
+    """A field declared as `GRPOConfig` declares ``name`` (default and help text), so that the Lightning config mirrors
+    TRL's fields without restating them; ``changes`` override, e.g. a different ``default``."""
+    declared = {f.name: f for f in fields(GRPOConfig)}[name]
+    values = {"default": declared.default, "metadata": dict(declared.metadata), **changes}
+    return field(**values)
+
+
 @dataclass
 class PRIMEModuleConfig(PRIMESettings):
-    """`PRIMEModule`'s settings. Every field has the name, meaning and default of the `PRIMEConfig` field it mirrors
-    (see ``PRIMEConfig`` / ``GRPOConfig`` help texts); `from_prime_config` copies them from a `PRIMEConfig`.
+    """`PRIMEModule`'s settings: PRIME's knobs (inherited from `PRIMESettings`, the declaration `PRIMEConfig` shares)
+    plus the TRL / Transformers fields a Lightning step needs, each declared as `GRPOConfig` declares it (same name,
+    meaning, default and help). `from_prime_config` copies them from a `PRIMEConfig`.
 
     How the TRL batch fields map: a Lightning step generates for the prompts of one `PRIMEDataModule` batch
     (``prompts_per_device`` per process) ``num_generations`` completions each, i.e. TRL's generation batch; the policy
@@ -98,48 +109,31 @@ class PRIMEModuleConfig(PRIMESettings):
     """
 
     # ----- generation -------------------------------------------------------------------------------------------
-    num_generations: int = 4
-    max_completion_length: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    chat_template_kwargs: dict | None = None
-    # ----- policy -----------------------------------------------------------------------------------------------
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    lr_scheduler_type: str = "linear"
-    warmup_steps: int = 0
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    per_device_train_batch_size: int = 8  # rows per policy forward / backward
-    num_iterations: int = 1
-    gradient_checkpointing: bool = False  # GRPOConfig's default is True; off here, as most Lightning runs start small
-    disable_dropout: bool = True
-    seed: int = 42  # seeds this module's own random stream (sampling), offset by the process rank
+    max_completion_length: int = _grpo_field("max_completion_length")
+    temperature: float = _grpo_field("temperature")
+    top_p: float = _grpo_field("top_p")
+    top_k: int = _grpo_field("top_k")
+    chat_template_kwargs: dict | None = _grpo_field("chat_template_kwargs")
+    # ----- policy optimizer (the learning rate is PRIME's, inherited) -------------------------------------------
+    weight_decay: float = _grpo_field("weight_decay")
+    adam_beta1: float = _grpo_field("adam_beta1")
+    adam_beta2: float = _grpo_field("adam_beta2")
+    adam_epsilon: float = _grpo_field("adam_epsilon")
+    max_grad_norm: float = _grpo_field("max_grad_norm")
+    lr_scheduler_type: str = _grpo_field("lr_scheduler_type")
+    warmup_steps: int = _grpo_field("warmup_steps")
+    epsilon: float = _grpo_field("epsilon")
+    epsilon_high: float | None = _grpo_field("epsilon_high")
+    per_device_train_batch_size: int = _grpo_field("per_device_train_batch_size")  # rows per policy forward/backward
+    num_iterations: int = _grpo_field("num_iterations")
+    # GRPOConfig's default is True; off here, as most Lightning runs start small.
+    gradient_checkpointing: bool = _grpo_field("gradient_checkpointing", default=False)
+    seed: int = _grpo_field("seed")  # seeds this module's own random stream (sampling), offset by the process rank
     # ----- rewards ----------------------------------------------------------------------------------------------
-    reward_weights: list[float] | None = None
-    verifier: str | None = None
-    # ----- implicit PRM -----------------------------------------------------------------------------------------
-    prm_loss_type: str = "ce"
-    prm_learning_rate: float = 1e-5
-    prm_weight_decay: float = 0.0
-    prm_max_grad_norm: float = 10.0
-    prm_lr_scheduler_type: str = "constant"
-    prm_warmup_steps: int = 0
-    prm_num_mini_batches: int = 1
-    prm_micro_batch_size: int | None = None
-    prm_adapter_name: str = "prm"
-    prm_name_or_path: str | None = None
-    prm_lora_r: int | None = None
-    prm_lora_alpha: int | None = None
-    # ----- advantages: the fields of PRIMESettings (prime_beta, prm_update, coefficients, filter, ...) -----------
+    reward_weights: list[float] | None = _grpo_field("reward_weights")
 
     def __post_init__(self) -> None:
-        validate_prime_settings(self)  # PRIMEConfig's own checks: both paths reject the same settings alike
+        super().__post_init__()  # validate_prime_settings: both paths reject the same settings alike
         if self.num_iterations < 1 or self.per_device_train_batch_size < 1:
             raise ValueError("num_iterations and per_device_train_batch_size must be >= 1.")
         if self.temperature <= 0:
