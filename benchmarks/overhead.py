@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 SIZES = {
-    # the demo model's shape (prime_trl.demo.model.ModelConfig), byte-level vocabulary
+    # the demo model's shape (prime_trl.demo.model.DemoModelConfig), byte-level vocabulary
     "demo": dict(
         hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512, completion=48, prompts=4
     ),

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from prime_trl.apps.scoring import encode_responses, implicit_rewards
 from prime_trl.demo.metrics import heldout_prm_accuracy, localisation, localisation_hit, process_metrics
-from prime_trl.demo.model import ModelConfig, build_demo_model, build_demo_tokenizer
+from prime_trl.demo.model import DemoModelConfig, build_demo_model, build_demo_tokenizer
 from prime_trl.demo.task import (
     first_wrong_step,
     problem_from_expression,
@@ -125,7 +125,7 @@ def test_demo_completions_are_encoded_like_trl_with_eos():
 def peft_demo_model():
     """A small random demo model with a policy adapter and a zero-initialised PRM adapter (PRM == reference)."""
     tokenizer = build_demo_tokenizer()
-    config = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    config = DemoModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
     base = build_demo_model(tokenizer, config, seed=0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
     model = get_peft_model(base, lora)

@@ -9,23 +9,23 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prime_trl.demo.model import ModelConfig, build_demo_tokenizer
+from prime_trl.demo.model import DemoModelConfig, build_demo_tokenizer
 from prime_trl.demo.task import (
     ALPHABET,
     TaskConfig,
     all_steps_correct,
     answer_reward,
+    boxed_text,
     check_steps,
-    extract_boxed,
     first_wrong_step,
     make_dataset,
-    make_prompt,
     make_splits,
     noisy_completion,
     parse_steps,
     partition_of,
     problem_from_expression,
     problem_from_prompt,
+    prompt_text,
     reference_completion,
     sample_problem,
     step_reward_sums,
@@ -41,7 +41,7 @@ GOOD = "5*3=15;7+15=22;22-4=18;\\boxed{18}"
 
 
 def test_reference_chain_respects_precedence():
-    assert make_prompt(PROBLEM) == "Q:7+5*3-4=?A:"
+    assert prompt_text(PROBLEM) == "Q:7+5*3-4=?A:"
     assert reference_completion(PROBLEM) == GOOD
     assert PROBLEM.answer == 18
     # leftmost * first, then + and - strictly left to right
@@ -49,7 +49,7 @@ def test_reference_chain_respects_precedence():
     assert reference_completion(p) == "2*3=6;4*5=20;6+20=26;26-6=20;\\boxed{20}"
     p = problem_from_expression("9-2-3")
     assert reference_completion(p) == "9-2=7;7-3=4;\\boxed{4}"
-    assert problem_from_prompt(make_prompt(p)) == p
+    assert problem_from_prompt(prompt_text(p)) == p
 
 
 @pytest.mark.parametrize("config", [TaskConfig(), TaskConfig.hard()])
@@ -61,7 +61,7 @@ def test_sampled_problems_stay_in_range(config):
         assert all(config.operand_range[0] <= x <= config.operand_range[1] for x in p.operands)
         assert all(0 <= s.result <= 99 for s in p.steps)
         assert len(p.steps) == len(p.operands) - 1
-        assert set(make_prompt(p) + reference_completion(p)) <= set(ALPHABET)
+        assert set(prompt_text(p) + reference_completion(p)) <= set(ALPHABET)
         assert len(reference_completion(p)) + 1 <= config.max_completion_tokens
 
 
@@ -102,7 +102,7 @@ def test_answer_reward():
     assert answer_reward([[{"role": "assistant", "content": GOOD}]], [18]) == [1.0]
     with pytest.raises(ValueError):
         answer_reward([GOOD], ["18", "1"])
-    assert extract_boxed("a\\boxed{12}b") == "12" and extract_boxed("none") is None
+    assert boxed_text("a\\boxed{12}b") == "12" and boxed_text("none") is None
 
 
 # ---------------------------------------------------------------------------------------------- step parser / checker
@@ -197,7 +197,7 @@ def test_noisy_teacher_error_rate_and_consistency(prob):
             true = {"+": step.a + step.b, "-": step.a - step.b, "*": step.a * step.b}[step.op]
             assert (step.result == true) == right
             assert 0 <= step.result and abs(step.result - true) <= 3
-        assert extract_boxed(text) == str(steps[-1].result)
+        assert boxed_text(text) == str(steps[-1].result)
         assert (answer_reward([text], [p.answer]) == [1.0]) >= all(local)
     rate = wrong / total
     assert abs(rate - prob) < 0.03, rate  # ~7000 steps: the standard error is < 0.006
@@ -250,7 +250,7 @@ def test_step_token_spans_and_sums():
 
 # ---------------------------------------------------------------------------------------------- warm-start cache
 
-TINY_MODEL = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+TINY_MODEL = DemoModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
 TINY_SFT = SFTConfig(num_steps=3, batch_size=4, warmup_steps=1)
 
 
@@ -262,7 +262,7 @@ def test_warm_start_key_changes_with_every_config():
         warm_start_key(TaskConfig(operators="+-"), TINY_MODEL, TINY_SFT, seed=0),
         warm_start_key(
             TaskConfig(),
-            ModelConfig(hidden_size=48, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64),
+            DemoModelConfig(hidden_size=48, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64),
             TINY_SFT,
             seed=0,
         ),
@@ -300,7 +300,7 @@ def test_warm_start_cache_reuse_and_rebuild(tmp_path, monkeypatch):
 
     # changed task or model config: a new entry is built
     hard = get_warm_start(TaskConfig.hard(), TINY_MODEL, TINY_SFT, seed=0, cache_dir=tmp_path, progress=False)
-    bigger = ModelConfig(hidden_size=48, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    bigger = DemoModelConfig(hidden_size=48, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
     other = get_warm_start(TaskConfig(), bigger, TINY_SFT, seed=0, cache_dir=tmp_path, progress=False)
     assert len({path, hard, other}) == 3 and len(calls) == 3
 
@@ -323,7 +323,7 @@ def test_warm_start_loads_and_is_reproducible(tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     original = build_demo_tokenizer()
-    text = make_prompt(PROBLEM) + GOOD
+    text = prompt_text(PROBLEM) + GOOD
     assert tokenizer(text)["input_ids"] == original(text)["input_ids"]
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.padding_side) == (
         original.eos_token_id,

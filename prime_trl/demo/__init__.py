@@ -1,10 +1,10 @@
 """The embedded CPU demo: a synthetic arithmetic task with step-level ground truth, a tiny model and its
 supervised warm start (cached). See ``task.py`` for the task and ``warmstart.py`` for the warm start."""
 
-from prime_trl.demo.model import ModelConfig, build_demo_model, build_demo_tokenizer, count_parameters
+from prime_trl.demo.model import DemoModelConfig, build_demo_model, build_demo_tokenizer, count_parameters
 from prime_trl.demo.task import (
     ALPHABET,
-    Problem,
+    ArithmeticProblem,
     Step,
     TaskConfig,
     all_steps_correct,
@@ -12,11 +12,11 @@ from prime_trl.demo.task import (
     check_steps,
     first_wrong_step,
     make_dataset,
-    make_prompt,
     make_splits,
     noisy_completion,
     parse_steps,
     problem_from_prompt,
+    prompt_text,
     reference_completion,
     sample_problem,
     step_reward_sums,
@@ -35,12 +35,19 @@ from prime_trl.demo.warmstart import (
     warm_start_key,
 )
 
+# Former names, kept for existing notebooks and scripts. Each name now has one meaning across prime_trl: `Problem`
+# is also `prime_trl.apps.scoring.Problem`, `make_prompt` also `prime_trl.data.make_prompt` (chat messages), and
+# `ModelConfig` also TRL's.
+Problem = ArithmeticProblem  # deprecated
+make_prompt = prompt_text  # deprecated
+ModelConfig = DemoModelConfig  # deprecated
+
 __all__ = [
     "ALPHABET",
     "DEFAULT_SFT",
     "HARD_SFT",
-    "ModelConfig",
-    "Problem",
+    "DemoModelConfig",
+    "ArithmeticProblem",
     "SFTConfig",
     "Step",
     "TaskConfig",
@@ -57,7 +64,7 @@ __all__ = [
     "get_warm_start",
     "load_warm_start",
     "make_dataset",
-    "make_prompt",
+    "prompt_text",
     "make_splits",
     "noisy_completion",
     "parse_steps",

@@ -14,11 +14,11 @@ from prime_trl.tiny import build_model, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelConfig", "build_demo_model", "build_demo_tokenizer", "count_parameters"]
+__all__ = ["DemoModelConfig", "build_demo_model", "build_demo_tokenizer", "count_parameters"]
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class DemoModelConfig:
     """Size of the demo model (a ``Qwen2ForCausalLM`` with tied embeddings); the default has ~0.74M parameters.
 
     ``max_position_embeddings`` only sizes the rotary cache; prompt + completion stay well under it.
@@ -40,7 +40,9 @@ def build_demo_tokenizer() -> Qwen2Tokenizer:
     return build_tokenizer(alphabet=ALPHABET, chat_template=None)
 
 
-def build_demo_model(tokenizer: Qwen2Tokenizer, config: ModelConfig = ModelConfig(), seed: int = 0) -> Qwen2ForCausalLM:
+def build_demo_model(
+    tokenizer: Qwen2Tokenizer, config: DemoModelConfig = DemoModelConfig(), seed: int = 0
+) -> Qwen2ForCausalLM:
     """A randomly initialised demo model (float32), seeded."""
     return build_model(
         tokenizer,

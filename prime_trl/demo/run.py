@@ -35,7 +35,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from prime_trl.algo.settings import prime_field
 from prime_trl.demo.metrics import process_metrics
-from prime_trl.demo.model import ModelConfig
+from prime_trl.demo.model import DemoModelConfig
 from prime_trl.demo.task import TaskConfig, answer_reward, make_splits, problem_from_prompt
 from prime_trl.demo.warmstart import SFTConfig, evaluate_accuracy, get_warm_start
 from prime_trl.trainer.prime_config import PRIMEConfig
@@ -63,7 +63,7 @@ EVAL_SEED = 1234  # every evaluation point samples with the same seed: curves di
 # The quick smoke run: an easy task (2-3 operands, additions only) and a deliberately small warm start that
 # reaches ~15% accuracy in a few seconds, in a temporary cache; enough mixed groups for the PRM to train.
 _QUICK_TASK = TaskConfig(num_operands=(2, 3), operand_range=(1, 9), operators="+")
-_QUICK_MODEL = ModelConfig(hidden_size=48, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=96)
+_QUICK_MODEL = DemoModelConfig(hidden_size=48, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=96)
 _QUICK_SFT = SFTConfig(num_steps=200, batch_size=32, warmup_steps=10, learning_rate=1e-2)
 _TUNED = "a tiny model from scratch learns at much larger rates; chosen on the demo task's validation split"
 
@@ -533,7 +533,7 @@ class _DemoPlan:
     eval_every: int
     eval_prompts: int
     eval_samples: int
-    model_config: ModelConfig = field(default_factory=ModelConfig)
+    model_config: DemoModelConfig = field(default_factory=DemoModelConfig)
     sft_config: SFTConfig | None = None
 
 

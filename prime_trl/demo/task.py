@@ -52,17 +52,18 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ALPHABET",
     "Calc",
-    "Problem",
+    "ArithmeticProblem",
     "Step",
     "TaskConfig",
     "all_steps_correct",
     "answer_reward",
     "apply_op",
     "check_steps",
-    "extract_boxed",
+    "boxed_int",
+    "boxed_text",
     "first_wrong_step",
     "make_dataset",
-    "make_prompt",
+    "prompt_text",
     "make_splits",
     "noisy_completion",
     "parse_steps",
@@ -154,7 +155,7 @@ class Calc(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Problem:
+class ArithmeticProblem:
     """A problem and its reference solution.
 
     Attributes:
@@ -205,29 +206,29 @@ def solve(operands: Sequence[int], operators: Sequence[str]) -> tuple[Calc, ...]
     return tuple(steps)
 
 
-def problem_from_expression(expression: str) -> Problem:
-    """Build a ``Problem`` from an expression string such as ``"7+5*3-4"`` (no range check)."""
+def problem_from_expression(expression: str) -> ArithmeticProblem:
+    """Build an ``ArithmeticProblem`` from an expression string such as ``"7+5*3-4"`` (no range check)."""
     if not _EXPR_RE.fullmatch(expression):
         raise ValueError(f"not an expression of the task: {expression!r}")
     operands = tuple(int(x) for x in _INT_RE.findall(expression))
     operators = tuple(ch for ch in expression if ch in "+-*")
     steps = solve(operands, operators)
-    return Problem(expression, operands, operators, steps, steps[-1].result)
+    return ArithmeticProblem(expression, operands, operators, steps, steps[-1].result)
 
 
-def problem_from_prompt(prompt: str) -> Problem:
-    """Inverse of ``make_prompt``: ``"Q:7+5*3-4=?A:"`` -> the ``Problem``."""
+def problem_from_prompt(prompt: str) -> ArithmeticProblem:
+    """Inverse of ``prompt_text``: ``"Q:7+5*3-4=?A:"`` -> the ``ArithmeticProblem``."""
     if not (prompt.startswith(PROMPT_PREFIX) and prompt.endswith(PROMPT_SUFFIX)):
         raise ValueError(f"not a prompt of the task: {prompt!r}")
     return problem_from_expression(prompt[len(PROMPT_PREFIX) : -len(PROMPT_SUFFIX)])
 
 
-def _in_range(problem: Problem, config: TaskConfig) -> bool:
+def _in_range(problem: ArithmeticProblem, config: TaskConfig) -> bool:
     lo, hi = config.value_range
     return all(lo <= step.result <= hi for step in problem.steps)
 
 
-def sample_problem(rng: random.Random, config: TaskConfig = TaskConfig()) -> Problem:
+def sample_problem(rng: random.Random, config: TaskConfig = TaskConfig()) -> ArithmeticProblem:
     """Draw a problem uniformly over operand count, operands and operators, redrawing until it stays in range."""
     for _ in range(100_000):
         n = rng.randint(*config.num_operands)
@@ -251,7 +252,7 @@ def partition_of(expression: str) -> str:
     return PARTITIONS[min(bucket, 2)]
 
 
-def sample_problem_in(partition: str, rng: random.Random, config: TaskConfig = TaskConfig()) -> Problem:
+def sample_problem_in(partition: str, rng: random.Random, config: TaskConfig = TaskConfig()) -> ArithmeticProblem:
     """Draw a problem from one partition (rejection sampling on ``partition_of``)."""
     if partition not in PARTITIONS:
         raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
@@ -266,7 +267,7 @@ def sample_problem_in(partition: str, rng: random.Random, config: TaskConfig = T
 # --------------------------------------------------------------------------------------------------------------
 
 
-def make_prompt(problem: Problem) -> str:
+def prompt_text(problem: ArithmeticProblem) -> str:
     """``"Q:<expression>=?A:"``; the completion follows directly."""
     return f"{PROMPT_PREFIX}{problem.expression}{PROMPT_SUFFIX}"
 
@@ -275,7 +276,7 @@ def _format_chain(calcs: Sequence[Calc], answer: int) -> str:
     return "".join(f"{c.a}{c.op}{c.b}={c.result}{STEP_SEPARATOR}" for c in calcs) + f"{BOX_OPEN}{answer}}}"
 
 
-def reference_completion(problem: Problem) -> str:
+def reference_completion(problem: ArithmeticProblem) -> str:
     """The correct chain, e.g. ``"5*3=15;7+15=22;22-4=18;\\boxed{18}"`` (no EOS: the tokenizer's EOS follows)."""
     return _format_chain(problem.steps, problem.answer)
 
@@ -285,7 +286,7 @@ def _run_chain(values: list[int], ops: list[str]) -> list[int]:
     return [calc.result for calc in solve(values, ops)]
 
 
-def noisy_completion(problem: Problem, rng: random.Random, step_error_prob: float, max_error: int = 3) -> str:
+def noisy_completion(problem: ArithmeticProblem, rng: random.Random, step_error_prob: float, max_error: int = 3) -> str:
     """A noisy-teacher completion: each step's result is wrong with probability ``step_error_prob``.
 
     A wrong result is the true result (given the values written so far) plus a non-zero offset in
@@ -349,8 +350,10 @@ class Step:
         return Calc(self.a, self.op, self.b, self.result) if self.well_formed else None
 
 
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (up to the next ``}``), or ``None`` if there is no closed box."""
+def boxed_text(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` up to the next ``}`` (the demo's answers never nest braces), or ``None``
+    if there is no closed box. Real math answers go through `prime_trl.rewards.math.extract_boxed`, which matches
+    braces and knows ``\\fbox``."""
     start = text.rfind(BOX_OPEN)
     if start < 0:
         return None
@@ -393,7 +396,7 @@ def _completion_text(completion: Any) -> str:
     return str(completion)
 
 
-def check_steps(problem: Problem, completion: str | Sequence[Step], mode: str = "reference") -> list[bool]:
+def check_steps(problem: ArithmeticProblem, completion: str | Sequence[Step], mode: str = "reference") -> list[bool]:
     """Label every written step right (``True``) or wrong; see the module docstring for the two ``mode`` s.
 
     Args:
@@ -431,7 +434,7 @@ def check_steps(problem: Problem, completion: str | Sequence[Step], mode: str = 
     return labels
 
 
-def first_wrong_step(problem: Problem, completion: str | Sequence[Step]) -> int | None:
+def first_wrong_step(problem: ArithmeticProblem, completion: str | Sequence[Step]) -> int | None:
     """Index of the first wrong written step (same under both labellings), or ``None`` if all are right.
 
     A completion that stops early with every written step right has no wrong step (``None``).
@@ -442,18 +445,19 @@ def first_wrong_step(problem: Problem, completion: str | Sequence[Step]) -> int 
     return None
 
 
-def _boxed_int(text: str) -> int | None:
-    content = extract_boxed(text)
+def boxed_int(text: str) -> int | None:
+    """The non-negative integer in the last ``\\boxed{...}``, or ``None`` (no box, or not an integer)."""
+    content = boxed_text(text)
     if content is None:
         return None
     content = content.strip()
     return int(content) if content.isdigit() else None
 
 
-def all_steps_correct(problem: Problem, completion: str) -> bool:
+def all_steps_correct(problem: ArithmeticProblem, completion: str) -> bool:
     """The whole chain is the reference chain (every step right, none missing or extra) and the box is right."""
     labels = check_steps(problem, completion)
-    return len(labels) == len(problem.steps) and all(labels) and _boxed_int(completion) == problem.answer
+    return len(labels) == len(problem.steps) and all(labels) and boxed_int(completion) == problem.answer
 
 
 def answer_reward(completions: Sequence[Any], answer: Sequence[str | int], **kwargs: Any) -> list[float]:
@@ -471,7 +475,7 @@ def answer_reward(completions: Sequence[Any], answer: Sequence[str | int], **kwa
         raise ValueError(f"{len(completions)} completions but {len(answer)} answers")
     rewards = []
     for completion, ref in zip(completions, answer):
-        got = _boxed_int(_completion_text(completion))
+        got = boxed_int(_completion_text(completion))
         rewards.append(1.0 if got is not None and got == int(ref) else 0.0)
     return rewards
 
@@ -481,18 +485,18 @@ def answer_reward(completions: Sequence[Any], answer: Sequence[str | int], **kwa
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _rows(problems: Sequence[Problem]) -> dict[str, list]:
+def _rows(problems: Sequence[ArithmeticProblem]) -> dict[str, list]:
     return {
-        "prompt": [make_prompt(p) for p in problems],
+        "prompt": [prompt_text(p) for p in problems],
         "answer": [str(p.answer) for p in problems],
         "expression": [p.expression for p in problems],
         "num_steps": [len(p.steps) for p in problems],
     }
 
 
-def _unique_problems(n: int, rng: random.Random, config: TaskConfig, partition: str | None) -> list[Problem]:
+def _unique_problems(n: int, rng: random.Random, config: TaskConfig, partition: str | None) -> list[ArithmeticProblem]:
     seen: set[str] = set()
-    problems: list[Problem] = []
+    problems: list[ArithmeticProblem] = []
     for _ in range(200 * n + 10_000):
         if len(problems) == n:
             return problems

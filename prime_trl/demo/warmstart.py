@@ -34,15 +34,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from prime_trl.demo.model import ModelConfig, build_demo_model, build_demo_tokenizer, count_parameters
+from prime_trl.demo.model import DemoModelConfig, build_demo_model, build_demo_tokenizer, count_parameters
 from prime_trl.demo.task import (
-    Problem,
+    ArithmeticProblem,
     TaskConfig,
     all_steps_correct,
     answer_reward,
-    make_prompt,
     noisy_completion,
     problem_from_prompt,
+    prompt_text,
     sample_problem_in,
 )
 
@@ -92,7 +92,7 @@ class SFTConfig:
         return asdict(self)
 
 
-# Tuned (with the default ModelConfig) so that sampling at T=1 on the 500 test prompts lands in the 20-50% band
+# Tuned (with the default DemoModelConfig) so that sampling at T=1 on the 500 test prompts lands in the 20-50% band
 # while greedy decoding is much better (the model knows the arithmetic but samples the teacher's noise): measured
 # default task 35% sampled / 86% greedy (seed 0), 32% / 73% (seed 1); hard task 38% / 87% (seed 0), 29% / 68%
 # (seed 1). The hard task's longer chains need a lower per-step error rate for the same band. Less training lands
@@ -135,13 +135,13 @@ def _lr_factor(step: int, config: SFTConfig) -> float:
 
 
 def _sft_batch(
-    problems: Sequence[Problem], completions: Sequence[str], tokenizer: PreTrainedTokenizerBase
+    problems: Sequence[ArithmeticProblem], completions: Sequence[str], tokenizer: PreTrainedTokenizerBase
 ) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` ``[N, L]``; labels are -100 off the completion.
 
     Prompt and completion are tokenised separately, as generation sees them (prompt ids, then generated ids).
     """
-    prompt_ids = tokenizer([make_prompt(p) for p in problems], add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer([prompt_text(p) for p in problems], add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
     rows = [(p, c + [tokenizer.eos_token_id]) for p, c in zip(prompt_ids, completion_ids)]
     length = max(len(p) + len(c) for p, c in rows)
@@ -158,21 +158,21 @@ def _sft_batch(
 
 def train_warm_start(
     task_config: TaskConfig | None = None,
-    model_config: ModelConfig | None = None,
+    model_config: DemoModelConfig | None = None,
     sft_config: SFTConfig | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Build the demo model and train it on noisy-teacher demonstrations (CPU, float32, seeded).
 
-    Defaults: ``TaskConfig()``, ``ModelConfig()``, ``default_sft_config(task_config)``.
+    Defaults: ``TaskConfig()``, ``DemoModelConfig()``, ``default_sft_config(task_config)``.
 
     Returns:
         ``(model, tokenizer, stats)``; the model is in eval mode; ``stats`` has ``final_loss`` (mean of the last
         50 steps), ``seconds`` and ``num_parameters``.
     """
     task_config = task_config or TaskConfig()
-    model_config = model_config or ModelConfig()
+    model_config = model_config or DemoModelConfig()
     sft_config = sft_config or default_sft_config(task_config)
     tokenizer = build_demo_tokenizer()
     model = build_demo_model(tokenizer, model_config, seed=seed)
@@ -224,7 +224,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prime_trl"
 
 
-def _key_payload(task_config: TaskConfig, model_config: ModelConfig, sft_config: SFTConfig, seed: int) -> dict:
+def _key_payload(task_config: TaskConfig, model_config: DemoModelConfig, sft_config: SFTConfig, seed: int) -> dict:
     return {
         "version": WARMSTART_VERSION,
         "task": task_config.to_dict(),
@@ -236,7 +236,7 @@ def _key_payload(task_config: TaskConfig, model_config: ModelConfig, sft_config:
 
 def warm_start_key(
     task_config: TaskConfig | None = None,
-    model_config: ModelConfig | None = None,
+    model_config: DemoModelConfig | None = None,
     sft_config: SFTConfig | None = None,
     seed: int = 0,
 ) -> str:
@@ -245,7 +245,7 @@ def warm_start_key(
     Defaults as ``get_warm_start``.
     """
     task_config = task_config or TaskConfig()
-    model_config = model_config or ModelConfig()
+    model_config = model_config or DemoModelConfig()
     sft_config = sft_config or default_sft_config(task_config)
     payload = json.dumps(_key_payload(task_config, model_config, sft_config, seed), sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -267,7 +267,7 @@ def _check_tokenizer_roundtrip(tokenizer: PreTrainedTokenizerBase, directory: Pa
 
 def get_warm_start(
     task_config: TaskConfig | None = None,
-    model_config: ModelConfig | None = None,
+    model_config: DemoModelConfig | None = None,
     sft_config: SFTConfig | None = None,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
@@ -278,7 +278,7 @@ def get_warm_start(
     """Directory of the warm-started model + tokenizer, training and caching it first if needed.
 
     Args:
-        task_config, model_config: default ``TaskConfig()`` / ``ModelConfig()``.
+        task_config, model_config: default ``TaskConfig()`` / ``DemoModelConfig()``.
         sft_config: default ``default_sft_config(task_config)``.
         seed: model initialisation and data seed.
         cache_dir: cache root (see the module docstring); the entry is ``<root>/warmstart/<key>``.
@@ -291,7 +291,7 @@ def get_warm_start(
         ``.from_pretrained(path)``.
     """
     task_config = task_config or TaskConfig()
-    model_config = model_config or ModelConfig()
+    model_config = model_config or DemoModelConfig()
     sft_config = sft_config or default_sft_config(task_config)
     key = warm_start_key(task_config, model_config, sft_config, seed)
     parent = cache_root(cache_dir) / "warmstart"
@@ -345,10 +345,10 @@ def load_warm_start(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTraine
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _as_prompts(prompts: datasets.Dataset | Sequence[str] | Sequence[Problem]) -> list[str]:
+def _as_prompts(prompts: datasets.Dataset | Sequence[str] | Sequence[ArithmeticProblem]) -> list[str]:
     if isinstance(prompts, datasets.Dataset):
         return list(prompts["prompt"])
-    return [make_prompt(p) if isinstance(p, Problem) else p for p in prompts]
+    return [prompt_text(p) if isinstance(p, ArithmeticProblem) else p for p in prompts]
 
 
 @torch.no_grad()
@@ -403,7 +403,7 @@ def generate_completions(
 def evaluate_accuracy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: datasets.Dataset | Sequence[str] | Sequence[Problem],
+    prompts: datasets.Dataset | Sequence[str] | Sequence[ArithmeticProblem],
     temperature: float = 1.0,
     num_samples: int = 4,
     max_new_tokens: int | None = None,
@@ -415,7 +415,7 @@ def evaluate_accuracy(
     """Held-out accuracy of a model on task prompts, sampled and greedy.
 
     Args:
-        prompts: a dataset with a ``prompt`` column, prompt strings, or ``Problem`` s (answers and reference
+        prompts: a dataset with a ``prompt`` column, prompt strings, or ``ArithmeticProblem`` s (answers and reference
             steps are recovered from the prompt text).
         temperature, num_samples: sampled accuracy averages over ``num_samples`` completions per prompt.
         max_new_tokens: default: enough for the longest reference chain among the prompts, with margin.
