@@ -1,7 +1,7 @@
 """PRIME's prompts and loaders that turn public math/code data sets into rows for the trainer and for evaluation.
 
 Every loader returns a `datasets.Dataset` with the same string columns, so math and code sets can be mixed with
-`datasets.concatenate_datasets` and scored by `prime_trl.rewards.verifier`:
+`datasets.concatenate_datasets` and scored by `prime_trl.rewards.task_reward`:
 
 ========== =====================================================================================================
 prompt     chat messages: PRIME's system prompt (unless ``system_prompt=False``), then the question + task suffix

@@ -184,10 +184,11 @@ def test_accelerate_config_files_parse(path):
 
 
 def test_reward_function_resolution(tmp_path, monkeypatch):
-    from prime_trl.rewards import code_reward, math_reward, verifier
+    from prime_trl.rewards import code_reward, math_reward, task_reward
 
     assert cli.resolve_reward_funcs(["math", "code"], [], None) == [math_reward, code_reward]
-    assert cli.resolve_reward_funcs(None, ["prompt", "task", "answer"], "gsm8k") == [verifier]
+    assert cli.resolve_reward_funcs(None, ["prompt", "task", "answer"], "gsm8k") == [task_reward]
+    assert cli.resolve_reward_funcs(["verifier"], [], None) == [task_reward]  # the deprecated name
     assert cli.resolve_reward_funcs(None, ["prompt", "answer"], "data.jsonl") == [math_reward]
     (tmp_path / "my_rewards.py").write_text("def short(completions, **kw):\n    return [0.0] * len(completions)\n")
     monkeypatch.chdir(tmp_path)

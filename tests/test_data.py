@@ -200,7 +200,7 @@ def test_eurus_rows_and_own_files(tmp_path):
 
 def test_mixed_dataset_end_to_end(shared_data_dir, tmp_path):
     """Math and code rows in one data set, scored by the combined verifier as the trainer would call it."""
-    from prime_trl.rewards import bwrap_status, verifier
+    from prime_trl.rewards import bwrap_status, task_reward
 
     if not bwrap_status()[0]:
         pytest.skip("bubblewrap sandbox not available")
@@ -222,4 +222,4 @@ def test_mixed_dataset_end_to_end(shared_data_dir, tmp_path):
         "```python\nn = int(input())\nprint(n * n)\n```",
     ]
     columns = {k: list(mixed[k]) for k in mixed.column_names if k != "prompt"}
-    assert verifier(completions, prompts=list(mixed["prompt"]), **columns) == [1.0, 0.0, 1.0, 1.0, 1.0]
+    assert task_reward(completions, prompts=list(mixed["prompt"]), **columns) == [1.0, 0.0, 1.0, 1.0, 1.0]

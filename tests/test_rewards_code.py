@@ -17,6 +17,7 @@ from prime_trl.rewards import (
     make_code_reward,
     outputs_match,
     parse_tests,
+    task_reward,
     verifier,
 )
 from prime_trl.rewards import sandbox as sandbox_module
@@ -184,14 +185,14 @@ def test_humaneval_canonical_solutions_pass_and_stubs_fail(bwrap, shared_data_di
 
 
 # ----------------------------------------------------------------------------- combined verifier
-def test_verifier_routes_rows_by_task(bwrap):
+def test_task_reward_routes_rows_by_task(bwrap):
     completions = [
         "\\boxed{4}",
         fenced("def f():\n    return 4"),
         "\\boxed{5}",
         fenced("print(int(input()) + 1)"),
     ]
-    scores = verifier(
+    scores = task_reward(
         completions,
         task=["math", "code", "math", "code"],
         answer=["4", None, "4", ""],
@@ -202,13 +203,14 @@ def test_verifier_routes_rows_by_task(bwrap):
     assert scores == [1.0, 1.0, 0.0, 1.0]
 
 
-def test_verifier_errors():
+def test_task_reward_errors():
+    assert verifier is task_reward  # the deprecated name
     with pytest.raises(ValueError, match="unknown task value"):
-        verifier(["x"], task=["physics"], answer=["1"])
+        task_reward(["x"], task=["physics"], answer=["1"])
     with pytest.raises(ValueError, match="needs a dataset column named 'task'"):
-        verifier(["x"], answer=["1"])
+        task_reward(["x"], answer=["1"])
     with pytest.raises(ValueError, match="needs a dataset column named 'answer'"):
-        verifier(["\\boxed{1}"], task=["math"])
+        task_reward(["\\boxed{1}"], task=["math"])
 
 
 # ----------------------------------------------------------------------------- secure by default / opt-out

@@ -36,7 +36,8 @@ DEMO_MODEL = "prime-demo"
 REWARD_FUNCS = {
     "math": "prime_trl.rewards:math_reward",
     "code": "prime_trl.rewards:code_reward",
-    "verifier": "prime_trl.rewards:verifier",
+    "task": "prime_trl.rewards:task_reward",
+    "verifier": "prime_trl.rewards:task_reward",  # former name of "task", deprecated
     "demo": "prime_trl.demo.task:answer_reward",
 }
 
@@ -65,10 +66,10 @@ class PRIMEScriptArguments(ScriptArguments):
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Reward functions: math, code, verifier (routes by the 'task' column), demo (the embedded "
+            "help": "Reward functions: math, code, task (routes by the 'task' column), demo (the embedded "
             "task), or dotted import paths such as my_rewards.length_penalty (the working directory is "
             "importable). The first is the verifier that labels the PRM unless `verifier` names another. "
-            "Default: verifier for prime_trl data sets, demo for prime-demo, math if there is an 'answer' column."
+            "Default: task for prime_trl data sets, demo for prime-demo, math if there is an 'answer' column."
         },
     )
     dataset_limit: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
@@ -418,7 +419,7 @@ def resolve_reward_funcs(
         if _is_demo_dataset(dataset_name):
             names = ["demo"]
         elif "task" in columns:
-            names = ["verifier"]
+            names = ["task"]
         elif "answer" in columns:
             names = ["math"]
         else:

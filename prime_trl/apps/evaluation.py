@@ -56,7 +56,7 @@ __all__ = [
     "render_prompt",
 ]
 
-# The columns the verifiers read (see prime_trl.data): passed to `verifier` as lists, one value per completion.
+# The columns the verifiers read (see prime_trl.data): passed to `task_reward` as lists, one value per completion.
 _GRADING_COLUMNS = ("task", "answer", "tests", "code_prefix", "entry_point")
 _BACKENDS = ("auto", "hf", "vllm")
 
@@ -283,7 +283,7 @@ def grade_completions(
 ) -> list[float]:
     """Verifier scores of ``completions[i]`` for ``rows[i]`` (math: boxed answer; code: sandboxed tests)."""
     if reward_fn is None:
-        from prime_trl.rewards import verifier as reward_fn
+        from prime_trl.rewards import task_reward as reward_fn
     columns = {name: [row.get(name) for row in rows] for name in _GRADING_COLUMNS}
     return [float(score) for score in reward_fn(completions=list(completions), **columns)]
 
@@ -516,7 +516,7 @@ def evaluate(
         args: the settings.
         generator: a backend (default: `make_generator(args)`); tests pass a fake one.
         dataset: rows to evaluate (default: `load_eval_dataset(args)`).
-        reward_fn: verifier with prime_trl.rewards' signature (default: `prime_trl.rewards.verifier`).
+        reward_fn: verifier with prime_trl.rewards' signature (default: `prime_trl.rewards.task_reward`).
 
     Returns:
         The summary (also written to ``summary.json``): ``metrics`` maps metric names to values.

@@ -4,9 +4,10 @@
   per-check time limit (worker processes).
 * `code_reward(completions, tests)`: the last ```python block, run against a test program or stdin/stdout cases
   in a bubblewrap sandbox with resource limits.
-* `verifier(completions, task, ...)`: routes each row by its ``task`` column ("math" / "code").
+* `task_reward(completions, task, ...)`: routes each row by its ``task`` column ("math" / "code"); ``verifier``
+  is its former, deprecated name.
 
-`make_math_reward`, `make_code_reward` and `make_verifier` build variants with other settings. See
+`make_math_reward`, `make_code_reward` and `make_task_reward` build variants with other settings. See
 docs/verifiers.md for the sandbox's guarantees and limits.
 """
 
@@ -30,7 +31,7 @@ from prime_trl.rewards.sandbox import (
     SandboxUnavailableError,
     bwrap_status,
 )
-from prime_trl.rewards.verifier import TASKS, make_verifier, verifier
+from prime_trl.rewards.verifier import TASKS, make_task_reward, make_verifier, task_reward, verifier
 
 __all__ = [
     "TASKS",
@@ -50,10 +51,12 @@ __all__ = [
     "grade_answer",
     "make_code_reward",
     "make_math_reward",
+    "make_task_reward",
     "make_verifier",
     "math_reward",
     "outputs_match",
     "parse_tests",
     "score_code",
+    "task_reward",
     "verifier",
 ]
