@@ -191,8 +191,8 @@ def test_advantages_and_prm_update_match_trainer(tiny_model_dir, tmp_path, overr
     rewards = torch.tensor([[1.0], [0], [0], [1], [1], [1], [1], [1], [0], [1], [0], [0]])
     for step in range(2):
         batch = random_batch(seed=step)
-        expected = trainer._prime_advantages(batch, rewards, "train")
-        actual = module.compute_advantages(batch, rewards).advantages
+        expected = trainer._prime_step(batch, rewards, "train")
+        actual = module.prime_step(batch, rewards).advantages
         assert expected.abs().sum() > 0
         assert torch.equal(actual, expected), f"advantages differ at update {step}"
 

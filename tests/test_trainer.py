@@ -110,8 +110,8 @@ def test_frozen_zero_prm_gives_exactly_outcome_rloo(tiny_model_dir, tmp_path):
     rewards = torch.tensor([[1.0], [0], [0], [1], [1], [1], [0], [1]])
     prime.model.train()
     rloo.model.train()
-    adv_prime = prime._prime_advantages(batch, rewards, "train")
-    adv_rloo = rloo._prime_advantages(batch, rewards, "train")
+    adv_prime = prime._prime_step(batch, rewards, "train")
+    adv_rloo = rloo._prime_step(batch, rewards, "train")
     assert adv_prime.abs().sum() > 0
     assert torch.equal(adv_prime, adv_rloo)
 

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -258,7 +258,6 @@ class PRMOutput:
     grad_norm: float | None = None  # mean pre-clip gradient norm over the PRM optimizer steps
     update_seconds: float = 0.0
     optimizer_steps: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class ImplicitPRM:

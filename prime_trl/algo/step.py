@@ -3,7 +3,7 @@
 Given a batch of completions, their verifier labels and outcome rewards, this runs steps 3-6 of
 docs/algorithm.md section 2: accuracy filter, reference + PRM log-probs with the online PRM update, implicit token
 rewards, normalisation and per-token advantages. `PRIMETrainer` (TRL) and `PRIMEModule` (Lightning) both call
-`prime_advantages`, so the two paths compute the same tensors.
+`prime_step`, so the two paths compute the same tensors.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from prime_trl.algo.settings import PRIMESettings
 
 @dataclass
 class PRIMEStep:
+    """What one PRIME step gives the policy update: per-token advantages and the step's metrics."""
+
     advantages: torch.Tensor  # [B_local, T_local] for this process's rows
-    token_rewards: torch.Tensor  # [B_local, T_local] implicit rewards before normalisation (0 on filtered rows)
     metrics: dict[str, float]
 
 
@@ -35,7 +36,7 @@ def labels_and_outcome(
     return labels, outcome
 
 
-def prime_advantages(
+def prime_step(
     prm: ImplicitPRM | None,
     batch: CompletionBatch,
     labels: torch.Tensor,
@@ -44,7 +45,8 @@ def prime_advantages(
     group_size: int,
     train: bool = True,
 ) -> PRIMEStep:
-    """PRIME's advantages for this process's rows, updating the PRM when ``train``.
+    """One PRIME step for this process's rows: the accuracy filter, the online PRM update (an optimizer step of the
+    PRM when ``train``) and PRIME's per-token advantages.
 
     Args:
         prm: the implicit PRM (may be ``None`` only when ``settings.uses_prm`` is false).
@@ -92,17 +94,21 @@ def prime_advantages(
     mask = distributed.gather_rows(batch.completion_mask.float()) * kept_rows.unsqueeze(-1)
     metrics.update(_reward_metrics(all_rewards, mask, labels, kept_rows, group_size))
     if mask.sum() == 0:  # every group filtered out: nothing to learn from this batch
-        return PRIMEStep(torch.zeros_like(token_rewards), token_rewards, metrics)
+        return PRIMEStep(torch.zeros_like(token_rewards), metrics)
     if group_size < 2 and settings.advantage_estimator != "reinforce":
         # Only evaluation can get here (num_generations_eval=1): no baseline exists, and the eval loss is a
         # by-product anyway; the PRM metrics above are what evaluation is for.
-        return PRIMEStep(torch.zeros_like(token_rewards), token_rewards, metrics)
+        return PRIMEStep(torch.zeros_like(token_rewards), metrics)
     if settings.process_reward_norm == "batch":
         process_rewards = core.normalize_process_rewards(all_rewards, mask)
     else:
         process_rewards = all_rewards * mask
     advantages = estimate_advantages(process_rewards, outcome, mask, group_size, settings)
-    return PRIMEStep(advantages[local_rows, : batch.completion_mask.shape[1]], token_rewards, metrics)
+    return PRIMEStep(advantages[local_rows, : batch.completion_mask.shape[1]], metrics)
+
+
+# Former name (deprecated): the step also updates the PRM, which the name hid.
+prime_advantages = prime_step
 
 
 def estimate_advantages(

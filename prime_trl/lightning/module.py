@@ -7,8 +7,8 @@ step (docs/algorithm.md section 2) on this process's ``B_local = prompts x K`` r
 
 1. `PRIMEModule.generate`: ``K`` completions per prompt with the policy adapter active (rows of a group contiguous);
 2. `PRIMEModule.score_completions`: the reward functions, gathered over processes -> ``[B_global, n_funcs]``;
-3-6. `PRIMEModule.compute_advantages`: accuracy filter, reference / PRM log-probs, the online PRM update and the
-   per-token advantages. It calls `prime_trl.algo.step.prime_advantages`, the very function `PRIMETrainer` calls,
+3-6. `PRIMEModule.prime_step`: accuracy filter, reference / PRM log-probs, the online PRM update and the
+   per-token advantages. It calls `prime_trl.algo.step.prime_step`, the very function `PRIMETrainer` calls,
    with an `ImplicitPRM` built from the same `prime_trl.algo.prm` pieces, so both paths compute the same tensors;
 4. `PRIMEModule.policy_update`: TRL's clipped surrogate (``loss_type="grpo"``) and one policy optimizer step.
 
@@ -55,6 +55,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 import prime_trl.algo.core as core
 import prime_trl.algo.distributed as distributed
+from prime_trl.algo import step as algo_step
 from prime_trl.algo.prm import (
     CompletionBatch,
     ImplicitPRM,
@@ -66,7 +67,7 @@ from prime_trl.algo.prm import (
     save_adapter,
 )
 from prime_trl.algo.settings import PRIMESettings
-from prime_trl.algo.step import PRIMEStep, labels_and_outcome, prime_advantages
+from prime_trl.algo.step import PRIMEStep, labels_and_outcome
 
 # The reward-function guard and the dataset check are PRIMETrainer's, shared rather than copied.
 from prime_trl.rewards.reward_funcs import check_dataset_columns, guard_reward_function, resolve_verifier
@@ -381,13 +382,13 @@ class PRIMEModule(pl.LightningModule):
         with self._own_rng():
             rollout = self.generate(rows)
             rewards = self.score_completions(rows, rollout)
-            prime_step = self.compute_advantages(rollout.batch, rewards)
-            policy_metrics = self.policy_update(rollout.batch, prime_step.advantages)
+            step = self.prime_step(rollout.batch, rewards)
+            policy_metrics = self.policy_update(rollout.batch, step.advantages)
 
         # PRIME's metrics (filter pass rate, PRM loss / accuracy, implicit rewards) are global already; the policy
         # loss is this process's and is averaged over processes by sync_dist.
         num_rows = len(rollout.batch)
-        self.log_dict(prime_step.metrics, on_step=True, on_epoch=False, batch_size=num_rows)
+        self.log_dict(step.metrics, on_step=True, on_epoch=False, batch_size=num_rows)
         self.log_dict(self._reward_metrics(rewards, rollout), on_step=True, on_epoch=False, batch_size=num_rows)
         self.log_dict(policy_metrics, on_step=True, on_epoch=False, batch_size=num_rows, sync_dist=True)
         self.log("prime/step_time", time.perf_counter() - start, on_step=True, on_epoch=False, batch_size=num_rows)
@@ -465,10 +466,9 @@ class PRIMEModule(pl.LightningModule):
             rewards[:, index] = torch.tensor([torch.nan if s is None else float(s) for s in scores], device=self.device)
         return distributed.gather_rows(rewards)
 
-    def compute_advantages(
-        self, batch: CompletionBatch, rewards_per_func: torch.Tensor, train: bool = True
-    ) -> PRIMEStep:
-        """docs/algorithm.md steps 3-6 (filter, PRM update, implicit rewards, advantages) via the shared `prime_advantages`.
+    def prime_step(self, batch: CompletionBatch, rewards_per_func: torch.Tensor, train: bool = True) -> PRIMEStep:
+        """docs/algorithm.md steps 3-6 (filter, PRM update, implicit rewards, advantages) via the shared
+        `prime_trl.algo.step.prime_step` (it was called ``compute_advantages``; that name is a deprecated alias).
 
         Args:
             batch: this process's ``B_local`` rows.
@@ -479,9 +479,11 @@ class PRIMEModule(pl.LightningModule):
             `PRIMEStep` with ``advantages [B_local, T]`` and the step's metrics. Every process must call this together.
         """
         labels, outcome = labels_and_outcome(rewards_per_func, self.verifier_index, self.reward_weights)
-        return prime_advantages(
+        return algo_step.prime_step(
             self.prm, batch, labels, outcome, self.settings, self.config.num_generations, train=train
         )
+
+    compute_advantages = prime_step  # deprecated: the step also updates the PRM, which the name hid
 
     def policy_update(self, batch: CompletionBatch, advantages: torch.Tensor) -> dict[str, float]:
         """Clipped policy loss and ``num_iterations`` policy optimizer steps on the rows (docs/algorithm.md, step 7, eq. 9).

@@ -37,7 +37,7 @@ from prime_trl.algo.prm import (
     make_implicit_prm,
     save_adapter,
 )
-from prime_trl.algo.step import PRIMESettings, labels_and_outcome, prime_advantages
+from prime_trl.algo.step import PRIMESettings, labels_and_outcome, prime_step
 from prime_trl.rewards.reward_funcs import check_dataset_columns, guard_reward_function, resolve_verifier
 from prime_trl.trainer.prime_config import PRIMEConfig
 from prime_trl.trainer.quantization import is_quantized, protect_4bit_base
@@ -279,15 +279,15 @@ class PRIMETrainer(GRPOTrainer):
             output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"]
         )
         start_time = time.perf_counter()
-        output["advantages"] = self._prime_advantages(batch, self._rewards_per_func, mode)
+        output["advantages"] = self._prime_step(batch, self._rewards_per_func, mode)
         self._metrics[mode]["prime/scoring_time"].append(time.perf_counter() - start_time)
         return output
 
-    def _prime_advantages(self, batch: CompletionBatch, rewards_per_func: torch.Tensor, mode: str) -> torch.Tensor:
-        """Per-token advantages ``[B_local, T_local]`` for this process's rows (docs/algorithm.md section 2, steps 3-6)."""
+    def _prime_step(self, batch: CompletionBatch, rewards_per_func: torch.Tensor, mode: str) -> torch.Tensor:
+        """The PRIME step (PRM update in training mode); returns the per-token advantages ``[B_local, T_local]`` for this process's rows (docs/algorithm.md section 2, steps 3-6)."""
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         labels, outcome = labels_and_outcome(rewards_per_func, self.verifier_index, self.reward_weights)
-        step = prime_advantages(self.prm, batch, labels, outcome, self.prime_settings, group_size, mode == "train")
+        step = prime_step(self.prm, batch, labels, outcome, self.prime_settings, group_size, mode == "train")
         for name, value in step.metrics.items():
             self._metrics[mode][name].append(value)
         return step.advantages
