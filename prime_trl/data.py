@@ -26,6 +26,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,85 +152,82 @@ def _integer_text(value: Any) -> str:
     return str(int(text)) if re.fullmatch(r"[+-]?\d+", text) else text
 
 
+@dataclass(frozen=True)
+class _MathSource:
+    """How one math data set's raw records become rows: where the question, the reference answer and the id are."""
+
+    question: Callable[[dict], str]
+    answer: Callable[[dict], str]
+    row_id: Callable[[dict, int], Any]  # (record, position in the file) -> id
+    skip_unanswered: bool = False  # drop (and log) records whose answer comes out empty
+
+
+def _gsm8k_answer(record: dict) -> str:
+    """The number after ``####``, thousands separators removed."""
+    return record["answer"].split("####")[-1].strip().replace(",", "")
+
+
+def _boxed_solution_answer(record: dict) -> str:
+    """The last ``\\boxed{}`` of the worked solution (MATH train has no separate answer field)."""
+    from prime_trl.rewards.math import extract_boxed
+
+    return (extract_boxed(record["solution"]) or "").strip()
+
+
+# One entry per math data set; `_load_math` does the rest. The row's ``source`` is the table key.
+_MATH_SOURCES: dict[str, _MathSource] = {
+    "gsm8k": _MathSource(lambda r: r["question"], _gsm8k_answer, lambda r, i: i),
+    "math500": _MathSource(lambda r: r["problem"], lambda r: r["answer"], lambda r, i: r["unique_id"]),
+    # Two rows of the original MATH release (number_theory 7115 and 7117) end in an empty \boxed{}: no label.
+    "math": _MathSource(
+        lambda r: r["problem"], _boxed_solution_answer, lambda r, i: r.get("unique_id", i), skip_unanswered=True
+    ),
+    "aime24": _MathSource(lambda r: r["problem"], lambda r: _integer_text(r["answer"]), lambda r, i: r.get("id", i)),
+    "amc23": _MathSource(
+        lambda r: r.get("problem") or r["question"], lambda r: _integer_text(r["answer"]), lambda r, i: r.get("id", i)
+    ),
+}
+
+
+def _load_math(name: str, split: str, path: str | None, system_prompt: bool, limit: int | None) -> Dataset:
+    source = _MATH_SOURCES[name]
+    rows = []
+    for i, record in enumerate(_records(name, split, path)):
+        answer = source.answer(record)
+        if source.skip_unanswered and not answer:
+            logger.info("%s row %s has no answer; skipped", name, source.row_id(record, i))
+            continue
+        prompt = make_prompt(source.question(record), "math", system_prompt)
+        rows.append(_row(prompt, "math", answer=answer, source=name, id=source.row_id(record, i)))
+    return _finish(rows, limit)
+
+
 def load_gsm8k(
     split: str = "test", path: str | None = None, *, system_prompt: bool = True, limit: int | None = None
 ) -> Dataset:
     """GSM8K (train 7,473 / test 1,319): answer = the number after ``####``, thousands separators removed."""
-    rows = []
-    for i, record in enumerate(_records("gsm8k", split, path)):
-        final = record["answer"].split("####")[-1].strip().replace(",", "")
-        rows.append(
-            _row(make_prompt(record["question"], "math", system_prompt), "math", answer=final, source="gsm8k", id=i)
-        )
-    return _finish(rows, limit)
+    return _load_math("gsm8k", split, path, system_prompt, limit)
 
 
 def load_math500(path: str | None = None, *, system_prompt: bool = True, limit: int | None = None) -> Dataset:
     """MATH-500 (OpenAI's PRM800K held-out test split, 500 rows); answer = the ``answer`` field."""
-    rows = [
-        _row(
-            make_prompt(r["problem"], "math", system_prompt),
-            "math",
-            answer=r["answer"],
-            source="math500",
-            id=r["unique_id"],
-        )
-        for r in _records("math500", "test", path)
-    ]
-    return _finish(rows, limit)
+    return _load_math("math500", "test", path, system_prompt, limit)
 
 
 def load_math_train(path: str | None = None, *, system_prompt: bool = True, limit: int | None = None) -> Dataset:
     """MATH train problems (the 12k PRM800K-style split, MATH-500 excluded); answer = last ``\\boxed{}`` of the
     solution. Rows whose box is empty (2 in the shipped file: number_theory 7115 and 7117) are skipped."""
-    from prime_trl.rewards.math import extract_boxed
-
-    rows = []
-    for i, record in enumerate(_records("math", "train", path)):
-        answer = (extract_boxed(record["solution"]) or "").strip()
-        if not answer:  # two rows of the original MATH release end in an empty \boxed{}: no label, skip them
-            logger.info("MATH row %s has no boxed answer; skipped", record.get("unique_id", i))
-            continue
-        rows.append(
-            _row(
-                make_prompt(record["problem"], "math", system_prompt),
-                "math",
-                answer=answer,
-                source="math",
-                id=record.get("unique_id", i),
-            )
-        )
-    return _finish(rows, limit)
+    return _load_math("math", "train", path, system_prompt, limit)
 
 
 def load_aime24(path: str | None = None, *, system_prompt: bool = True, limit: int | None = None) -> Dataset:
     """AIME 2024 I+II (30 problems); integer answers without leading zeros."""
-    rows = [
-        _row(
-            make_prompt(r["problem"], "math", system_prompt),
-            "math",
-            answer=_integer_text(r["answer"]),
-            source="aime24",
-            id=r.get("id", i),
-        )
-        for i, r in enumerate(_records("aime24", "test", path))
-    ]
-    return _finish(rows, limit)
+    return _load_math("aime24", "test", path, system_prompt, limit)
 
 
 def load_amc23(path: str | None = None, *, system_prompt: bool = True, limit: int | None = None) -> Dataset:
     """AMC 12 2023 (40 problems with numeric answers; the file stores them as floats, e.g. 27.0 -> "27")."""
-    rows = [
-        _row(
-            make_prompt(r.get("problem") or r["question"], "math", system_prompt),
-            "math",
-            answer=_integer_text(r["answer"]),
-            source="amc23",
-            id=r.get("id", i),
-        )
-        for i, r in enumerate(_records("amc23", "test", path))
-    ]
-    return _finish(rows, limit)
+    return _load_math("amc23", "test", path, system_prompt, limit)
 
 
 # Appended to each HumanEval test program: HumanEval's asserts compare results with ==, so a returned object with
