@@ -129,6 +129,29 @@ def test_full_finetune_policy_puts_prm_on_one_frozen_copy(tiny_model_dir, tmp_pa
     assert all(torch.equal(host_before[n], host_after[n]) for n in host_before if ".prm." not in n)
 
 
+def test_full_finetune_prm_gets_the_same_adapter_checks(tiny_model_dir, tmp_path):
+    """The frozen copy's PRM adapter is added by prm.add_prm_adapter, so a wrong prm path or a PRM LoraConfig PRIME
+    cannot honour is refused there too, and the adapter starts frozen like the LoRA path's."""
+    with pytest.raises(FileNotFoundError, match="not a saved PEFT adapter directory"):
+        PRIMETrainer(
+            tiny_model_dir,
+            prm=tmp_path / "no-adapter",
+            args=make_args(tmp_path),
+            reward_funcs=coin_reward,
+            train_dataset=make_dataset(),
+        )
+    with pytest.raises(ValueError, match="modules_to_save"):
+        PRIMETrainer(
+            tiny_model_dir,
+            prm=LoraConfig(**LORA, modules_to_save=["embed_tokens"]),
+            args=make_args(tmp_path),
+            reward_funcs=coin_reward,
+            train_dataset=make_dataset(),
+        )
+    trainer = make_trainer(tiny_model_dir, tmp_path, peft=False)
+    assert not any(p.requires_grad for p in trainer.prm.parameters())
+
+
 def test_full_finetune_policy_under_zero3_is_refused(tiny_model_dir, tmp_path, monkeypatch):
     # The frozen copy for the PRM cannot be made from a ZeRO-3-partitioned model; a LoRA policy is the way there.
     monkeypatch.setattr("prime_trl.trainer.prime_trainer.is_deepspeed_zero3_enabled", lambda: True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -18,14 +19,21 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils import load_peft_weights
-from trl.trainer.utils import use_adapter
+from trl.trainer.utils import disable_dropout_in_model, use_adapter
 
 import prime_trl.algo.core as core
 import prime_trl.algo.distributed as distributed
 
 logger = logging.getLogger(__name__)
+
+# The adapter names and checkpoint layout both frameworks use: the policy is the adapter ``default`` (TRL's name for
+# the adapter it trains); a saved run has the policy adapter at its root, the PRM adapter in ``prm/`` and (TRL
+# checkpoints) the PRM optimizer and scheduler state beside it.
+POLICY_ADAPTER = "default"
+PRM_DIR_NAME = "prm"
+PRM_STATE_NAME = "prm_optimizer.pt"
 
 # LoRA initialisations that rewrite the base weights; the reference (the base) would no longer be the SFT model.
 _BASE_MODIFYING_INITS = ("pissa", "olora", "loftq", "corda", "eva", "orthogonal")
@@ -114,6 +122,16 @@ def check_lora_config(config: LoraConfig, role: str) -> None:
         )
 
 
+def check_policy_adapter(model: PeftModel, owner: str) -> None:
+    """A `PeftModel` given as the policy must carry its LoRA policy adapter under the name ``default``."""
+    if POLICY_ADAPTER not in model.peft_config:
+        raise ValueError(
+            f"The PeftModel's adapters are {list(model.peft_config)}; {owner} trains the adapter named "
+            f"'{POLICY_ADAPTER}' as the policy. Load your policy adapter under the name '{POLICY_ADAPTER}'."
+        )
+    check_lora_config(model.peft_config[POLICY_ADAPTER], "policy")
+
+
 def default_prm_lora_config(
     policy_config: LoraConfig | None, r: int | None = None, alpha: int | None = None
 ) -> LoraConfig:
@@ -147,15 +165,18 @@ def adapter_parameters(model: torch.nn.Module, adapter_name: str) -> list[torch.
 
 
 def add_prm_adapter(
-    model: PeftModel, adapter_name: str, prm: LoraConfig | str | Path | None, default_config: LoraConfig
-) -> None:
+    model: torch.nn.Module, adapter_name: str, prm: LoraConfig | str | Path | None, default_config: LoraConfig
+) -> PeftModel:
     """Add the PRM adapter to ``model``: from a saved adapter directory, a `LoraConfig`, or ``default_config``.
 
-    The adapter is added frozen and inactive; the active adapter does not change.
+    ``model`` is either the policy's `PeftModel` (the adapter is added beside the policy adapter, frozen and inactive;
+    the active adapter does not change) or a plain model (a fully fine-tuned policy's frozen copy), which is wrapped
+    in a `PeftModel` whose only adapter is the PRM. Returns the `PeftModel` carrying the adapter.
     """
-    if adapter_name in model.peft_config:
+    is_peft = isinstance(model, PeftModel)
+    if is_peft and adapter_name in model.peft_config:
         raise ValueError(f"The model already has an adapter named {adapter_name!r}; choose another prm_adapter_name.")
-    if isinstance(prm, (str, Path)):
+    if isinstance(prm, (str, os.PathLike)):
         path = Path(prm)
         if not (path / "adapter_config.json").is_file():
             raise FileNotFoundError(
@@ -165,9 +186,8 @@ def add_prm_adapter(
         config = LoraConfig.from_pretrained(str(path))
         check_lora_config(config, "PRM")
         config.inference_mode = False
-        model.add_adapter(adapter_name, config)
-        load_adapter_weights(model, adapter_name, path)
     else:
+        path = None
         config = prm if prm is not None else default_config
         check_lora_config(config, "PRM")
         if config.lora_dropout:
@@ -175,8 +195,14 @@ def add_prm_adapter(
                 "The PRM LoraConfig has lora_dropout=%s; implicit rewards will be noisy. PRIME uses 0.",
                 config.lora_dropout,
             )
+    if is_peft:
         model.add_adapter(adapter_name, config)
+    else:
+        model = get_peft_model(model, config, adapter_name=adapter_name)
+    if path is not None:
+        load_adapter_weights(model, adapter_name, path)
     freeze_adapter(model, adapter_name)
+    return model
 
 
 def attach_prm_adapter(model: PeftModel, config, prm: LoraConfig | str | Path | None = None) -> None:
@@ -185,7 +211,9 @@ def attach_prm_adapter(model: PeftModel, config, prm: LoraConfig | str | Path | 
     ``config`` is a `PRIMEConfig` (or anything with its ``prm_*`` fields); a new adapter copies the policy's LoRA
     settings (see `default_prm_lora_config`).
     """
-    default_config = default_prm_lora_config(model.peft_config["default"], config.prm_lora_r, config.prm_lora_alpha)
+    default_config = default_prm_lora_config(
+        model.peft_config[POLICY_ADAPTER], config.prm_lora_r, config.prm_lora_alpha
+    )
     add_prm_adapter(model, config.prm_adapter_name, prm, default_config)
 
 
@@ -197,7 +225,15 @@ def make_implicit_prm(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> ImplicitPRM:
     """The online PRM for the adapter ``config.prm_adapter_name`` on ``host``, configured by the same-named
-    fields of a `PRIMEConfig` (or the Lightning module's config)."""
+    fields of a `PRIMESettings` (`PRIMEConfig` or the Lightning module's config). Both frameworks build it here;
+    with ``config.disable_dropout`` the host's dropout is switched off (deterministic PRM and reference log-probs)."""
+    if config.disable_dropout:
+        disable_dropout_in_model(host)
+    logger.info(
+        "PRIME: PRM adapter %r with %d trainable parameters.",
+        config.prm_adapter_name,
+        sum(p.numel() for p in adapter_parameters(host, config.prm_adapter_name)),
+    )
     return ImplicitPRM(
         host,
         config.prm_adapter_name,
@@ -323,6 +359,21 @@ class ImplicitPRM:
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=learning_rate, weight_decay=weight_decay)
         self.scheduler = get_scheduler(
             scheduler_type, self.optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps
+        )
+
+    def create_optimizer_for_run(self, config, num_generation_batches: int | None) -> None:
+        """`create_optimizer` from the ``prm_*`` fields of a `PRIMESettings`, with the schedule sized for a run of
+        ``num_generation_batches`` PRIME steps (``prm_num_mini_batches`` PRM optimizer steps each; ``None`` when the
+        run's length is unknown, which only constant schedules accept)."""
+        total_steps = (
+            max(1, num_generation_batches * config.prm_num_mini_batches) if num_generation_batches is not None else None
+        )
+        self.create_optimizer(
+            config.prm_learning_rate,
+            config.prm_weight_decay,
+            config.prm_lr_scheduler_type,
+            config.prm_warmup_steps,
+            total_steps=total_steps,
         )
 
     def state_dict(self) -> dict:

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, get_scheduler
 from trl import GRPOConfig
 from trl.data_utils import is_conversational
-from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, get_callable_name
+from trl.trainer.utils import add_fused_lm_head, get_callable_name
 
 try:
     import lightning.pytorch as pl
@@ -57,11 +57,14 @@ import prime_trl.algo.core as core
 import prime_trl.algo.distributed as distributed
 from prime_trl.algo import step as algo_step
 from prime_trl.algo.prm import (
+    POLICY_ADAPTER,
+    PRM_DIR_NAME,
     CompletionBatch,
     ImplicitPRM,
     adapter_parameters,
     attach_prm_adapter,
     check_lora_config,
+    check_policy_adapter,
     completion_log_probs,
     make_implicit_prm,
     save_adapter,
@@ -72,13 +75,10 @@ from prime_trl.algo.step import PRIMEStep, labels_and_outcome
 # The reward-function guard and the dataset check are PRIMETrainer's, shared rather than copied.
 from prime_trl.rewards.reward_funcs import check_dataset_columns, guard_reward_function, resolve_verifier
 from prime_trl.trainer.prime_config import PRIMEConfig
-from prime_trl.trainer.prime_trainer import PRM_DIR_NAME
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PRIMEDataModule", "PRIMEModule", "PRIMEModuleConfig"]
-
-POLICY_ADAPTER = "default"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -262,12 +262,7 @@ class PRIMEModule(pl.LightningModule):
         if isinstance(model, PeftModel):
             if peft_config is not None:
                 raise ValueError("Pass either a PeftModel or peft_config, not both.")
-            if POLICY_ADAPTER not in model.peft_config:
-                raise ValueError(
-                    f"The PeftModel's adapters are {list(model.peft_config)}; PRIMEModule trains the adapter named "
-                    "'default' as the policy. Load your policy adapter under the name 'default'."
-                )
-            check_lora_config(model.peft_config[POLICY_ADAPTER], "policy")
+            check_policy_adapter(model, "PRIMEModule")
             model.peft_config[POLICY_ADAPTER].inference_mode = False
             for param in adapter_parameters(model, POLICY_ADAPTER):
                 param.requires_grad_(True)
@@ -310,13 +305,6 @@ class PRIMEModule(pl.LightningModule):
         """The PRM adapter on the policy's base and its online update, built as `PRIMETrainer` builds them."""
         config = self.config
         attach_prm_adapter(self.model, config, prm)
-        if config.disable_dropout:
-            disable_dropout_in_model(self.model)
-        logger.info(
-            "PRIME (Lightning): PRM adapter %r on the policy's base (%d trainable PRM parameters).",
-            config.prm_adapter_name,
-            sum(p.numel() for p in adapter_parameters(self.model, config.prm_adapter_name)),
-        )
         # The fused head carries the sampling temperature; PRIME's log-probs are at temperature 1.
         return make_implicit_prm(self.model, config, fused_log_probs=config.temperature == 1.0)
 
@@ -351,13 +339,7 @@ class PRIMEModule(pl.LightningModule):
             config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=policy_steps
         )
         generations = math.ceil(policy_steps / config.num_iterations) if policy_steps else None
-        self.prm.create_optimizer(
-            config.prm_learning_rate,
-            config.prm_weight_decay,
-            config.prm_lr_scheduler_type,
-            config.prm_warmup_steps,
-            total_steps=max(1, generations * config.prm_num_mini_batches) if generations else None,
-        )
+        self.prm.create_optimizer_for_run(config, generations)
         return [optimizer, self.prm.optimizer], [scheduler, self.prm.scheduler]
 
     def _total_policy_steps(self) -> int | None:

@@ -19,19 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
-from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+from trl.trainer.utils import add_fused_lm_head
 
 from prime_trl.algo.prm import (
+    POLICY_ADAPTER,
+    PRM_DIR_NAME,
+    PRM_STATE_NAME,
     CompletionBatch,
     ImplicitPRM,
-    adapter_parameters,
+    add_prm_adapter,
     attach_prm_adapter,
     check_lora_config,
+    check_policy_adapter,
     default_prm_lora_config,
     load_adapter_weights,
     make_implicit_prm,
@@ -45,8 +49,7 @@ from prime_trl.trainer.vllm_sync import LoRAAdapterSync, engine_with_lora, guard
 
 logger = logging.getLogger(__name__)
 
-PRM_DIR_NAME = "prm"
-PRM_STATE_NAME = "prm_optimizer.pt"
+__all__ = ["PRM_DIR_NAME", "PRM_STATE_NAME", "PRIMETrainer"]  # the checkpoint names live in prime_trl.algo.prm
 
 
 class PRIMETrainer(GRPOTrainer):
@@ -131,16 +134,11 @@ class PRIMETrainer(GRPOTrainer):
         if peft_config is not None:
             check_lora_config(peft_config, "policy")
         if isinstance(model, PeftModel):
-            if "default" not in model.peft_config:
-                raise ValueError(
-                    f"The PeftModel's adapters are {list(model.peft_config)}; PRIMETrainer trains the adapter named "
-                    "'default' as the policy. Load your policy adapter under the name 'default'."
-                )
-            check_lora_config(model.peft_config["default"], "policy")
+            check_policy_adapter(model, "PRIMETrainer")
 
         quantized = quantization_config is not None or (not isinstance(model, str) and is_quantized(model))
         sync_mode = resolve_sync_mode(args.vllm_sync_mode, quantized, args.vllm_mode) if args.use_vllm else None
-        policy_lora = peft_config or (model.peft_config["default"] if isinstance(model, PeftModel) else None)
+        policy_lora = peft_config or (model.peft_config[POLICY_ADAPTER] if isinstance(model, PeftModel) else None)
         if sync_mode == "lora" and policy_lora is None:
             raise ValueError("vllm_sync_mode='lora' pushes the policy's LoRA adapter, so the policy must be LoRA.")
         vllm_engine = engine_with_lora(policy_lora.r) if sync_mode == "lora" else nullcontext()
@@ -172,26 +170,18 @@ class PRIMETrainer(GRPOTrainer):
     def _build_prm(self, prm: LoraConfig | str | os.PathLike | None) -> ImplicitPRM:
         """Add the PRM adapter (on the policy's base, or on a frozen copy for a fully fine-tuned policy)."""
         args = self.args
-        name = args.prm_adapter_name
         if isinstance(self.model, PeftModel):
             host = self.model
             attach_prm_adapter(host, args, prm)
             # TRL's fused LM head divides by the sampling temperature; PRIME's log-probs are at temperature 1.
             fused = self.temperature == 1.0
         else:
-            host = self._frozen_copy_with_prm(prm, name)
+            host = self._frozen_copy_with_prm(prm)
             fused = True
-        if args.disable_dropout:
-            disable_dropout_in_model(host)
-        logger.info(
-            "PRIME: PRM adapter %r on %s (%d trainable PRM parameters).",
-            name,
-            "the policy's base" if host is self.model else "a frozen copy of the initial model",
-            sum(p.numel() for p in adapter_parameters(host, name)),
-        )
+            logger.info("PRIME: the PRM adapter lives on a frozen copy of the initial model (full fine-tune policy).")
         return make_implicit_prm(host, args, fused_log_probs=fused, autocast=self.accelerator.autocast)
 
-    def _frozen_copy_with_prm(self, prm: LoraConfig | str | os.PathLike | None, name: str) -> PeftModel:
+    def _frozen_copy_with_prm(self, prm: LoraConfig | str | os.PathLike | None) -> PeftModel:
         """Full fine-tune policy: the PRM is a LoRA adapter on one frozen copy of the initial model, which with
         adapters disabled is also the reference (one extra copy, not two)."""
         if is_deepspeed_zero3_enabled():
@@ -206,19 +196,8 @@ class PRIMETrainer(GRPOTrainer):
         base.__dict__.pop("forward", None)
         add_fused_lm_head(base, temperature=1.0)
         base.requires_grad_(False)
-        if isinstance(prm, (str, os.PathLike)):
-            config = LoraConfig.from_pretrained(str(prm))
-            config.inference_mode = False
-        else:
-            config = (
-                prm
-                if prm is not None
-                else default_prm_lora_config(None, self.args.prm_lora_r, self.args.prm_lora_alpha)
-            )
-        check_lora_config(config, "PRM")
-        host = get_peft_model(base, config, adapter_name=name)
-        if isinstance(prm, (str, os.PathLike)):
-            load_adapter_weights(host, name, prm)
+        default_config = default_prm_lora_config(None, self.args.prm_lora_r, self.args.prm_lora_alpha)
+        host = add_prm_adapter(base, self.args.prm_adapter_name, prm, default_config)
         if self.args.gradient_checkpointing:
             host.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
             host.enable_input_require_grads()
@@ -243,13 +222,7 @@ class PRIMETrainer(GRPOTrainer):
                 * args.gradient_accumulation_steps
                 / (args.steps_per_generation * self.num_iterations)
             )
-            self.prm.create_optimizer(
-                args.prm_learning_rate,
-                args.prm_weight_decay,
-                args.prm_lr_scheduler_type,
-                args.prm_warmup_steps,
-                total_steps=max(1, generations * args.prm_num_mini_batches),
-            )
+            self.prm.create_optimizer_for_run(args, generations)
         return scheduler
 
     def create_optimizer(self, model=None):
