@@ -206,6 +206,7 @@ def majority_vote(
     correct: Sequence[bool],
     equivalent: Callable[[list[str], list[str]], list[bool]] | None = None,
     max_groups: int = 16,
+    weights: Sequence[float] | None = None,
 ) -> float:
     """Accuracy of the majority answer: the expected correctness when ties are broken uniformly at random.
 
@@ -215,6 +216,8 @@ def majority_vote(
         equivalent: batched equivalence test ``(preds, golds) -> [bool]`` used to merge groups whose normalised
             strings differ (``1/2`` and ``\\frac{1}{2}``); ``None`` groups by normalised string only. Only the
             ``max_groups`` largest groups are compared (pairs grow quadratically).
+        weights: a vote weight per completion (default 1 each); a group's total weight decides. Equal weights
+            give exactly the plain majority vote.
 
     Returns:
         A value in [0, 1] (fractional only when the vote is tied).
@@ -228,8 +231,11 @@ def majority_vote(
     keys = sorted(groups, key=lambda key: -len(groups[key]))
     if equivalent is not None and len(keys) > 1:
         keys = _merge_equivalent(keys[:max_groups], groups, answers, equivalent) + keys[max_groups:]
-    best = max(len(groups[key]) for key in keys)
-    tied = [key for key in keys if len(groups[key]) == best]
+    weight = [1.0] * len(answers) if weights is None else [float(w) for w in weights]
+    # Totals summed in index order, so groups of equally weighted members tie exactly.
+    totals = {key: math.fsum(weight[i] for i in sorted(groups[key])) for key in keys}
+    best = max(totals.values())
+    tied = [key for key in keys if totals[key] >= best - 1e-12 * max(1.0, abs(best))]
     # Each group's correctness is the mean of its members' grades (they agree unless equivalence is fuzzy).
     return sum(sum(correct[i] for i in groups[key]) / len(groups[key]) for key in tied) / len(tied)
 
