@@ -5,6 +5,7 @@ import json
 from math import comb
 
 import pytest
+from helpers import bos_tokenizer, trl_prompt_ids
 
 from prime_trl.apps.evaluation import EvalArguments, Generation, evaluate, majority_vote, pass_at_k
 
@@ -214,44 +215,6 @@ def test_sampled_completions_do_not_depend_on_batch_size(tiny_model_dir, tmp_pat
     assert alone == {key: value for key, value in by_one.items() if key[0] == 2}
     assert samples(6, seed=1) != by_one
     assert isinstance(generator, HFGenerator)
-
-
-def bos_tokenizer():
-    """A byte-level tokenizer that adds a BOS to plain text (as Llama's, Mistral's and Gemma's do) and whose chat
-    template writes the BOS itself; same vocabulary size as the tiny model's tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    byte_to_char = bytes_to_unicode()
-    vocab = {byte_to_char[b]: b for b in range(256)} | {"<s>": 256, "</s>": 257, "<pad>": 258}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tokenizer.chat_template = (
-        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}[assistant]{% endif %}"
-    )
-    return tokenizer
-
-
-def trl_prompt_ids(tokenizer, prompts):
-    """Prompt ids as TRL's GRPOTrainer tokenises them in training (its own method, on a minimal trainer)."""
-    from types import SimpleNamespace
-
-    from trl import GRPOTrainer
-
-    trainer = SimpleNamespace(
-        processing_class=tokenizer,
-        _is_vlm=False,
-        environment_factories=None,
-        tools=None,
-        chat_template=None,
-        chat_template_kwargs={},
-    )
-    return GRPOTrainer._tokenize_prompts(trainer, prompts)[0]
 
 
 def test_prompts_are_tokenised_as_in_training_with_one_bos(tiny_model_dir):
