@@ -345,8 +345,26 @@ def _read_table(path: Path) -> list[dict]:
         return Dataset.from_parquet(str(path)).to_list()
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}).") from None
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno}); each line must be one "
+                    "JSON object."
+                ) from None
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {number} is a JSON {type(row).__name__}, not an object with named columns.")
+    return rows
 
 
 def load_prime_file(path: str | os.PathLike, *, system_prompt: bool = True, limit: int | None = None) -> Dataset:
