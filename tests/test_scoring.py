@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prime_trl.algo.prm import ImplicitPRM, save_adapter
 from prime_trl.apps.cli import main
-from prime_trl.apps.evaluation import render_prompt
 from prime_trl.apps.scoring import (
     Candidate,
     Problem,
@@ -146,7 +145,7 @@ def synthetic_problem(rng, index):
 
 def train_prm(model, tokenizer, rows, steps):
     """CE steps of the implicit PRM on labelled candidates (prime_trl.algo.prm, as the trainer does)."""
-    prompts = [render_prompt(tokenizer, row["prompt"]) for row in rows for _ in row["responses"]]
+    prompts = [row["prompt"] for row in rows for _ in row["responses"]]
     responses = [r for row in rows for r in row["responses"]]
     labels = torch.tensor([label for row in rows for label in row["labels"]])
     batch = encode_responses(tokenizer, prompts, responses, append_eos=True)

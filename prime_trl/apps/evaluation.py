@@ -20,7 +20,10 @@ Metrics (all averaged over problems):
 A completion is *correct* when its verifier score is 1 (code with stdin/stdout cases: every case passed).
 
 Generation uses ``transformers`` ``generate`` by default and vLLM when it is installed and a GPU is present
-(``backend="auto"``). The vLLM path is not run in this project's CI (CPU only).
+(``backend="auto"``). The vLLM path is not run in this project's CI (CPU only). Every decoding setting is set
+explicitly (`decoding_settings`: nothing comes from the model's ``generation_config.json``), prompts are
+tokenised as TRL tokenises them in training (`prompt_token_ids`), and each problem's samples come from their own
+random streams (`sample_seed`), so results do not depend on ``batch_size``.
 """
 
 from __future__ import annotations
