@@ -364,3 +364,42 @@ def test_null_labels_mean_unlabelled(tmp_path):
     data.write_text(json.dumps({"prompt": "Q", "responses": ["\\boxed{0}", "\\boxed{2}"], "labels": None, "answer": 0}))
     (problem,) = load_problems(data)
     assert [c.label for c in problem.candidates] == [1.0, 0.0]  # graded against the answer 0
+
+
+def test_prm_trained_on_a_4bit_base_is_scored_on_the_same_4bit_base(tmp_path):
+    """`--load_in_4bit` loads the base as `prime-trl train --load_in_4bit` does (TRL's quantization config, the
+    trainable 4-bit layout), so the rewards are the ones training computed; unquantized they differ."""
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from trl import ModelConfig, get_quantization_config
+
+    from prime_trl.apps.scoring import ScoreArguments, implicit_rewards, load_prm, quantization_config_for
+    from prime_trl.tiny import save_tiny_model
+    from prime_trl.trainer.quantization import is_quantized, protect_4bit_base
+
+    model_dir = str(save_tiny_model(tmp_path / "base", hidden_size=128))  # 64-wide quantisation blocks
+    model, _ = prm_model(model_dir)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if ".prm." in name:
+            param.data.normal_(0, 0.1)
+    save_adapter(model, "prm", tmp_path / "run" / "prm")
+
+    # As training holds it: TRL's 4-bit config from the train flags, the trainable layout, the adapter on top.
+    quantization = get_quantization_config(ModelConfig(load_in_4bit=True))
+    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, device_map={"": "cpu"})
+    protect_4bit_base(base)
+    training = PeftModel.from_pretrained(base, str(tmp_path / "run" / "prm"), adapter_name="prm").eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts, responses = ["Q: 1+1?", "Q: 2+5?"], ["It is 2. \\boxed{2}", "\\boxed{8}"]
+    expected = implicit_rewards(training, tokenizer, prompts, responses, beta=BETA)
+
+    args = ScoreArguments(prm=str(tmp_path / "run"), data="x.jsonl", load_in_4bit=True)
+    scoring, _ = load_prm(args.prm, model_dir, device="cpu", quantization_config=quantization_config_for(args))
+    assert is_quantized(scoring)
+    got = implicit_rewards(scoring, tokenizer, prompts, responses, beta=BETA, fused=True)
+    unquantized, _ = load_prm(args.prm, model_dir, device="cpu")
+    plain = implicit_rewards(unquantized, tokenizer, prompts, responses, beta=BETA, fused=True)
+    for (_, want), (_, have), (_, full) in zip(expected, got, plain):
+        assert torch.allclose(have, want, atol=1e-5)
+        assert not torch.allclose(full, want, atol=1e-4)

@@ -542,6 +542,7 @@ def run_score(argv: list[str]) -> int:
         html_page,
         load_prm,
         load_problems,
+        quantization_config_for,
         rerank,
         score_responses,
     )
@@ -551,7 +552,9 @@ def run_score(argv: list[str]) -> int:
         problems = load_problems(args.data, limit=args.limit)
     except ResponseFileError as error:
         raise CLIError(str(error)) from error
-    model, tokenizer = load_prm(args.prm, args.model, args.adapter_name, args.dtype, args.device)
+    model, tokenizer = load_prm(
+        args.prm, args.model, args.adapter_name, args.dtype, args.device, quantization_config_for(args)
+    )
     prompts = [p.prompt for p in problems for _ in p.candidates]
     responses = [c.response for p in problems for c in p.candidates]
     # A row's own 'finished' decides whether its response ended with EOS; --append_eos is for rows without one.

@@ -138,6 +138,16 @@ class ScoreArguments:
     adapter_name: str = field(default="prm", metadata={"help": "Name the PRM adapter is loaded under."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, float32, bfloat16, float16."})
     device: str | None = field(default=None, metadata={"help": "Default: cuda if available, else cpu."})
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the base in 4 bits (bitsandbytes), as `prime-trl train --load_in_4bit` (QLoRA) trained "
+            "the PRM: the reference and PRM log-probs then come from the same rounded base as in training. Give "
+            "the same --dtype, --bnb_4bit_quant_type and --use_bnb_nested_quant as the training run."
+        },
+    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit type (nf4 or fp4), as in training."})
+    use_bnb_nested_quant: bool = field(default=False, metadata={"help": "Nested 4-bit quantization, as in training."})
 
     def __post_init__(self) -> None:
         if self.aggregate not in AGGREGATIONS:
@@ -199,13 +209,16 @@ def load_prm(
     adapter_name: str = "prm",
     dtype: str = "auto",
     device: str | None = None,
+    quantization_config=None,
 ):
     """Load the base model with the PRM adapter (inactive until `score_responses` switches it on).
 
     The base gets TRL's fused LM head at temperature 1, as in training, so scoring never builds the
-    ``[B, T, vocab]`` logits: pass ``fused=True`` to `score_responses` / `implicit_rewards`. The base is loaded
-    unquantized: for a PRM trained on a 4-bit (QLoRA) base the rewards differ from training's by the 4-bit
-    rounding of the base weights.
+    ``[B, T, vocab]`` logits: pass ``fused=True`` to `score_responses` / `implicit_rewards`.
+
+    A PRM trained on a 4-bit (QLoRA) base must be scored on the same 4-bit base: pass the training run's
+    ``quantization_config`` (`quantization_config_for` builds it from the ``prime-trl train`` flags). Without it
+    the base is loaded unquantized and the rewards differ from training's by the 4-bit rounding of the base.
 
     Returns:
         ``(peft_model, tokenizer)``; the tokenizer comes from the output dir next to ``prm/`` when it has one,
@@ -224,7 +237,17 @@ def load_prm(
             raise ValueError(f"{prm_dir}/adapter_config.json names no base model; pass --model.")
         logger.info("Base model from the adapter config: %s", model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=_resolve_dtype(dtype))
+    if quantization_config is None:
+        base = AutoModelForCausalLM.from_pretrained(model, dtype=_resolve_dtype(dtype)).to(device)
+    else:
+        from prime_trl.trainer.quantization import protect_4bit_base
+
+        base = AutoModelForCausalLM.from_pretrained(
+            model, dtype=_resolve_dtype(dtype), quantization_config=quantization_config, device_map={"": device}
+        )
+        # Training keeps the 4-bit weights in their trainable layout (bitsandbytes' CPU inference repacking
+        # rounds differently); score them in the same layout.
+        protect_4bit_base(base)
     add_fused_lm_head(base, temperature=1.0)  # before PEFT wraps the model, as TRL requires
     peft_model = PeftModel.from_pretrained(base, str(prm_dir), adapter_name=adapter_name)
     tokenizer_source = next(
@@ -233,7 +256,25 @@ def load_prm(
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return peft_model.to(device).eval(), tokenizer
+    return peft_model.eval(), tokenizer
+
+
+def quantization_config_for(args: ScoreArguments):
+    """The `BitsAndBytesConfig` ``prime-trl train`` builds from the same flags (TRL's `get_quantization_config`),
+    or None without ``--load_in_4bit``."""
+    if not args.load_in_4bit:
+        return None
+    from trl import ModelConfig, get_quantization_config
+
+    dtype = None if args.dtype == "auto" else args.dtype
+    return get_quantization_config(
+        ModelConfig(
+            load_in_4bit=True,
+            dtype=dtype,
+            bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+            use_bnb_nested_quant=args.use_bnb_nested_quant,
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
