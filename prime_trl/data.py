@@ -404,8 +404,12 @@ def load_prime_file(path: str | os.PathLike, *, system_prompt: bool = True, limi
             )
         elif "prompt" in record and "answer" in record:
             prompt = record["prompt"]
-            if not isinstance(prompt, (str, list)):
-                raise ValueError(f"{path}: row {i}: 'prompt' must be a string or a list of chat messages.")
+            if not isinstance(prompt, (str, list)) or not prompt:
+                raise ValueError(f"{path}: row {i}: 'prompt' must be a non-empty string or list of chat messages.")
+            if rows and isinstance(rows[0]["prompt"], str) != isinstance(prompt, str):
+                raise ValueError(
+                    f"{path}: row {i}: plain-string and chat-message prompts are mixed; write every prompt one way."
+                )
             rows.append(
                 _row(
                     prompt,

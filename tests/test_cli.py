@@ -386,6 +386,7 @@ def test_eval_rejects_bad_arguments_before_loading_a_model(extra, expected, caps
         ('{"prompt": "Q", "answer": "1"}\n{"prompt": "Q", "answer": 2\n', "rows.jsonl:2: not valid JSON"),
         ('["Q", "1"]\n', "row 1 is a JSON list"),
         ('{"text": "hello"}\n', "expected 'prompt' + 'task'"),
+        ('{"prompt": "Q", "answer": 1}\n{"prompt": [{"role": "user", "content": "Q"}], "answer": 1}\n', "are mixed"),
         (None, "not found"),
     ],
 )

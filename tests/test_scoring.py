@@ -343,6 +343,8 @@ def test_fused_scoring_equals_full_logits_and_prompts_get_one_bos(trained_prm, t
         (['{"prompt": "Q", "responses": ["a", "b"], "labels": [1]}'], ":1: 1 'labels' for 2 responses"),
         (['{"prompt": "Q", "responses": ["a"], "labels": ["yes"]}'], ":1: 'labels' must be a number"),
         (['{"prompt": "Q", "completion": "a", "mode": "greedy"}'], "all greedy completions"),
+        (['{"prompt": "", "response": "a"}'], ":1: 'prompt' must be a non-empty string"),
+        (['{"prompt": [{"text": "Q"}], "response": "a"}'], ":1: 'prompt' messages must be objects"),
         ([], "no non-empty line"),
         (None, "no such file"),
     ],

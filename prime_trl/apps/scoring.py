@@ -638,8 +638,15 @@ def load_problems(path: str | Path, limit: int | None = None, reward_fn: Callabl
             continue
         if "prompt" not in row:
             raise ResponseFileError(f"{where}: no 'prompt' field (fields: {sorted(row)}); add the prompt.")
-        if not isinstance(row["prompt"], (str, list)):
-            raise ResponseFileError(f"{where}: 'prompt' must be a string or a list of chat messages.")
+        if not isinstance(row["prompt"], (str, list)) or not row["prompt"]:
+            raise ResponseFileError(f"{where}: 'prompt' must be a non-empty string or list of chat messages.")
+        if isinstance(row["prompt"], list) and not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in row["prompt"]
+        ):
+            raise ResponseFileError(
+                f"{where}: 'prompt' messages must be objects with string 'role' and 'content' fields."
+            )
         if "responses" in row:
             responses = row["responses"]
             if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
