@@ -144,6 +144,11 @@ def _finish(rows: list[dict], limit: int | None) -> Dataset:
     return Dataset.from_list(rows)
 
 
+def _answer_text(value: Any) -> str:
+    """An answer column as text: ``None`` is no answer; any other value, falsy ones such as ``0`` included, is."""
+    return "" if value is None else _integer_text(value)
+
+
 def _integer_text(value: Any) -> str:
     """'025' -> '25', 27.0 -> '27'; anything else unchanged (as text)."""
     if isinstance(value, float) and value.is_integer():
@@ -338,8 +343,26 @@ def _read_table(path: Path) -> list[dict]:
         return Dataset.from_parquet(str(path)).to_list()
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}).") from None
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno}); each line must be one "
+                    "JSON object."
+                ) from None
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {number} is a JSON {type(row).__name__}, not an object with named columns.")
+    return rows
 
 
 def load_prime_file(path: str | os.PathLike, *, system_prompt: bool = True, limit: int | None = None) -> Dataset:
@@ -347,7 +370,11 @@ def load_prime_file(path: str | os.PathLike, *, system_prompt: bool = True, limi
 
     * our columns: ``prompt`` (chat messages or a plain question) and ``task``, plus ``answer`` or ``tests``;
     * Eurus-2-RL-Data columns (``prompt``, ``ability``, ``reward_model``);
+    * TRL-style math rows: ``prompt`` and ``answer`` (no ``task``), the prompt used exactly as written (chat
+      messages, or a plain string the model sees as is), as ``PRIMETrainer`` trains on such a dataset;
     * plain math: ``problem`` or ``question``, and ``answer``.
+
+    Answers are kept whatever their value (``0`` is the answer "0", not a missing one).
     """
     rows = []
     for i, record in enumerate(_read_table(Path(path))):
@@ -366,11 +393,28 @@ def load_prime_file(path: str | os.PathLike, *, system_prompt: bool = True, limi
                 _row(
                     prompt,
                     task,
-                    answer=str(record.get("answer") or ""),
+                    answer=_answer_text(record.get("answer")),
                     tests=tests if isinstance(tests, str) else json.dumps(tests),
                     source=str(record.get("source", Path(path).stem)),
                     id=record.get("id", i),
                     **extra,
+                )
+            )
+        elif "prompt" in record and "answer" in record:
+            prompt = record["prompt"]
+            if not isinstance(prompt, (str, list)) or not prompt:
+                raise ValueError(f"{path}: row {i}: 'prompt' must be a non-empty string or list of chat messages.")
+            if rows and isinstance(rows[0]["prompt"], str) != isinstance(prompt, str):
+                raise ValueError(
+                    f"{path}: row {i}: plain-string and chat-message prompts are mixed; write every prompt one way."
+                )
+            rows.append(
+                _row(
+                    prompt,
+                    "math",
+                    answer=_integer_text(record["answer"]),
+                    source=str(record.get("source", Path(path).stem)),
+                    id=record.get("id", i),
                 )
             )
         elif ("problem" in record or "question" in record) and "answer" in record:
@@ -387,7 +431,7 @@ def load_prime_file(path: str | os.PathLike, *, system_prompt: bool = True, limi
         else:
             raise ValueError(
                 f"{path}: row {i} has columns {sorted(record)}; expected 'prompt' + 'task' + 'answer'/'tests', "
-                "Eurus-2 columns ('prompt', 'ability', 'reward_model'), or 'problem'/'question' + 'answer'"
+                "'prompt' + 'answer' (math), Eurus-2 columns ('prompt', 'ability', 'reward_model'), or 'problem'/'question' + 'answer'"
             )
         if limit is not None and len(rows) >= limit:
             break

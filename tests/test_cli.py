@@ -363,3 +363,75 @@ def test_train_routes_dataset_aliases_like_eval(tmp_path):
     for alias in ("prime-demo", "prime_demo", "Demo"):
         assert cli._is_demo_dataset(alias), alias
     assert not cli._is_demo_dataset(None) and not cli._is_demo_dataset("gsm8k")
+
+
+# ----- eval / score: argument and input checks ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--data", "math500", "--num_samples", "4", "--temperature", "0"], "temperature=0.0 with --num_samples 4"),
+        (["--data", "math500", "--split", "train"], "math500 has only the split(s) ['test']"),
+        (["--data", "prime-demo", "--split", "dev"], "prime-demo has the splits"),
+    ],
+)
+def test_eval_rejects_bad_arguments_before_loading_a_model(extra, expected, capsys):
+    code, err = run_main(["eval", "--model", "no/such-model", *extra], capsys)
+    assert code == 2 and expected in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"prompt": "Q", "answer": "1"}\n{"prompt": "Q", "answer": 2\n', "rows.jsonl:2: not valid JSON"),
+        ('["Q", "1"]\n', "row 1 is a JSON list"),
+        ('{"text": "hello"}\n', "expected 'prompt' + 'task'"),
+        ('{"prompt": "Q", "answer": 1}\n{"prompt": [{"role": "user", "content": "Q"}], "answer": 1}\n', "are mixed"),
+        (None, "not found"),
+    ],
+)
+def test_eval_bad_data_file_is_one_line_error(content, expected, tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    if content is not None:
+        data.write_text(content)
+    code, err = run_main(["eval", "--model", "no/such-model", "--data", str(data)], capsys)
+    assert code == 2 and expected in err and str(data) in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_seed_does_not_change_the_prime_demo_problems():
+    from prime_trl.apps.evaluation import EvalArguments, load_eval_dataset
+
+    def problems(**kwargs):
+        return load_eval_dataset(EvalArguments(model="m", data="prime-demo", limit=20, **kwargs))["prompt"]
+
+    assert problems(seed=0) == problems(seed=7)
+    assert problems(data_seed=1) != problems()
+
+
+def test_eval_reads_prompt_answer_rows_and_keeps_answer_zero(tmp_path):
+    """TRL-style rows (prompt + answer, no task) are math rows; the answer 0 is the gold "0", not a missing one."""
+    from prime_trl.apps.evaluation import EvalArguments, Generation, evaluate, load_eval_dataset
+
+    data = tmp_path / "rows.jsonl"
+    rows = [
+        {"prompt": [{"role": "user", "content": "What is 3-3?"}], "answer": 0},
+        {"prompt": [{"role": "user", "content": "What is 2+3?"}], "answer": "5"},
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = EvalArguments(model="m", data=str(data), output_dir=str(tmp_path / "out"))
+    dataset = load_eval_dataset(args)
+    assert dataset["task"] == ["math", "math"] and dataset["answer"] == ["0", "5"]
+    assert dataset["prompt"][0] == rows[0]["prompt"]  # used as written, as training would
+
+    class Echo:
+        def encode(self, prompt):
+            return prompt
+
+        def generate(self, prompts, num_samples, greedy, seeds=None):
+            return [[Generation("\\boxed{0}", True, 3)] for _ in prompts]
+
+    summary = evaluate(args, generator=Echo(), dataset=dataset)
+    assert summary["metrics"]["pass@1 (greedy)"] == 0.5  # right on 3-3=0, wrong on 2+3
+    assert "decoding (greedy)" not in summary  # the settings live under "decoding"
+    assert summary["decoding"]["greedy"]["repetition_penalty"] == 1.0

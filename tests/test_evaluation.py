@@ -5,6 +5,7 @@ import json
 from math import comb
 
 import pytest
+from helpers import bos_tokenizer, trl_prompt_ids
 
 from prime_trl.apps.evaluation import EvalArguments, Generation, evaluate, majority_vote, pass_at_k
 
@@ -74,10 +75,10 @@ class ScriptedGenerator:
         self.respond = respond
         self.calls = []
 
-    def render(self, prompt):
+    def encode(self, prompt):
         return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
 
-    def generate(self, prompts, num_samples, greedy):
+    def generate(self, prompts, num_samples, greedy, seeds=None):
         self.calls.append((len(prompts), num_samples, greedy))
         return [
             [Generation(self.respond(p, greedy, i), finished=True, num_tokens=5) for i in range(num_samples)]
@@ -143,3 +144,106 @@ def test_humaneval_canonical_solutions_pass_and_wrong_code_fails(shared_data_dir
     assert summary["metrics"]["pass@2"] == 0.0
     assert not any(name.startswith("maj@") for name in summary["metrics"])  # no majority vote for code
     assert "no boxed answer" not in summary["metrics"]
+
+
+# ----- decoding: explicit settings, seeds, tokenisation ---------------------------------------------------------
+
+
+def tiny_generator(model_dir, **kwargs):
+    from prime_trl.apps.evaluation import HFGenerator, load_policy
+
+    model, tokenizer = load_policy(model_dir, dtype="float32", device="cpu")
+    return HFGenerator(model, tokenizer, **{"max_new_tokens": 10, **kwargs})
+
+
+PROMPTS = ["Q:12+7=?A:", "Q:3*4-5=?A:", [{"role": "user", "content": "What is 2+2?"}], "Q:9-8=?A:", "Hello"]
+
+
+def test_model_generation_config_does_not_leak_into_eval(tiny_model_dir, tmp_path):
+    """Greedy completions are the same whatever the model's generation_config.json asks for (a repetition penalty
+    as Qwen2.5-Instruct ships, top-k, beams, sampling...): eval sets every decoding field itself."""
+    import shutil
+
+    generator = tiny_generator(tiny_model_dir)
+    prompt_ids = [generator.encode(p) for p in PROMPTS]
+    plain = generator.generate(prompt_ids, 1, greedy=True)
+    sampled = generator.generate(prompt_ids, 2, greedy=False, seeds=[1, 2, 3, 4, 5])
+
+    changed = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, changed)
+    config_file = changed / "generation_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(repetition_penalty=1.8, top_k=2, num_beams=2, do_sample=True, temperature=0.3, no_repeat_ngram_size=2)
+    config_file.write_text(json.dumps(config))
+    leaky = tiny_generator(str(changed))
+    assert leaky.model.generation_config.repetition_penalty == 1.8  # the file is read...
+    assert leaky.generate(prompt_ids, 1, greedy=True) == plain  # ...and ignored
+    assert leaky.generate(prompt_ids, 2, greedy=False, seeds=[1, 2, 3, 4, 5]) == sampled
+    assert leaky.model.generation_config.repetition_penalty == 1.8  # restored after generating
+
+
+def test_sampled_completions_do_not_depend_on_batch_size(tiny_model_dir, tmp_path):
+    """Each problem's samples depend only on --seed and the problem: the same at batch sizes 1 and 6, and the
+    same when the problem is evaluated alone; another seed gives other samples."""
+    from prime_trl.apps.evaluation import HFGenerator
+
+    rows = [{"prompt": p, "task": "math", "answer": "1", "id": i} for i, p in enumerate(PROMPTS)]
+    generator = tiny_generator(tiny_model_dir, temperature=1.0, top_p=0.95)
+
+    def samples(batch_size, seed=0, subset=rows):
+        args = EvalArguments(
+            model="tiny",
+            data="rows",
+            num_samples=3,
+            greedy=False,
+            max_new_tokens=10,
+            temperature=1.0,
+            top_p=0.95,
+            batch_size=batch_size,
+            seed=seed,
+            output_dir=str(tmp_path / f"{batch_size}-{seed}-{len(subset)}"),
+        )
+        generator.batch_size = batch_size
+        evaluate(args, generator=generator, dataset=subset, reward_fn=lambda completions, **_: [0.0] * len(completions))
+        records = [json.loads(line) for line in open(tmp_path / f"{batch_size}-{seed}-{len(subset)}/predictions.jsonl")]
+        return {(r["id"], r["sample"]): r["completion"] for r in records}
+
+    by_one = samples(1)
+    assert len(set(by_one.values())) > 5  # really sampled: the samples differ
+    assert samples(6) == by_one
+    alone = samples(3, subset=rows[2:3])
+    assert alone == {key: value for key, value in by_one.items() if key[0] == 2}
+    assert samples(6, seed=1) != by_one
+    assert isinstance(generator, HFGenerator)
+
+
+def test_prompts_are_tokenised_as_in_training_with_one_bos(tiny_model_dir):
+    from prime_trl.apps.evaluation import prompt_token_ids, vllm_requests
+
+    tokenizer = bos_tokenizer()
+    plain, chat = "Q:1+2=?A:", [{"role": "user", "content": "What is 1+2?"}]
+    ids = [prompt_token_ids(tokenizer, p) for p in (plain, chat)]
+    assert ids == [trl_prompt_ids(tokenizer, [plain])[0], trl_prompt_ids(tokenizer, [chat])[0]]
+    assert [row.count(tokenizer.bos_token_id) for row in ids] == [1, 1] and ids[0][0] == tokenizer.bos_token_id
+
+    # The HF generator feeds exactly these ids to the model (left-padded).
+    from prime_trl.apps.evaluation import HFGenerator, load_policy
+
+    model, _ = load_policy(tiny_model_dir, dtype="float32", device="cpu")
+    seen = []
+    original = model.generate
+
+    def spy(input_ids, attention_mask, **kwargs):
+        seen.extend(row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask))
+        return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    model.generate = spy
+    generator = HFGenerator(model, tokenizer, max_new_tokens=2)
+    generator.generate([generator.encode(p) for p in (plain, chat)], 1, greedy=True)
+    assert seen == ids
+    # vLLM gets token ids, not text it would tokenise again with a second BOS.
+    args = EvalArguments(model="m", data="d", num_samples=2, max_new_tokens=7)
+    inputs, params = vllm_requests(args, ids, 2, greedy=False, seeds=[11, 12])
+    assert [i["prompt_token_ids"] for i in inputs] == ids
+    assert [p["seed"] for p in params] == [11, 12] and params[0]["repetition_penalty"] == 1.0
+    assert params[0]["top_k"] == -1 and params[0]["n"] == 2 and params[0]["max_tokens"] == 7

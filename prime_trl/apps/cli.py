@@ -518,10 +518,16 @@ def run_train(argv: list[str]) -> int:
 
 
 def run_eval(argv: list[str]) -> int:
-    from prime_trl.apps.evaluation import evaluate, format_summary
+    from prime_trl.apps.evaluation import evaluate, format_summary, load_eval_dataset
 
     (args,), _, _ = _parse(make_eval_parser(), argv, "eval")
-    summary = evaluate(args)
+    try:  # the data first: a bad file fails before the model loads
+        dataset = load_eval_dataset(args)
+    except (ValueError, FileNotFoundError) as error:
+        raise CLIError(f"--data {args.data}: {error}") from error
+    if len(dataset) == 0:
+        raise CLIError(f"--data {args.data} gave no problems.")
+    summary = evaluate(args, dataset=dataset)
     print(format_summary(summary))
     return 0
 
@@ -529,24 +535,31 @@ def run_eval(argv: list[str]) -> int:
 def run_score(argv: list[str]) -> int:
     import json
 
-    from prime_trl.apps.evaluation import _math_equivalent, render_prompt
+    from prime_trl.apps.evaluation import _math_equivalent
     from prime_trl.apps.scoring import (
+        ResponseFileError,
         format_rerank,
         format_steps,
         html_page,
         load_prm,
         load_problems,
+        quantization_config_for,
         rerank,
         score_responses,
     )
 
     (args,), _, _ = _parse(make_score_parser(), argv, "score")
-    problems = load_problems(args.data, limit=args.limit)
-    if not problems:
-        raise CLIError(f"{args.data} holds no responses.")
-    model, tokenizer = load_prm(args.prm, args.model, args.adapter_name, args.dtype, args.device)
-    prompts = [render_prompt(tokenizer, p.prompt) for p in problems for _ in p.candidates]
+    try:
+        problems = load_problems(args.data, limit=args.limit)
+    except ResponseFileError as error:
+        raise CLIError(str(error)) from error
+    model, tokenizer = load_prm(
+        args.prm, args.model, args.adapter_name, args.dtype, args.device, quantization_config_for(args)
+    )
+    prompts = [p.prompt for p in problems for _ in p.candidates]
     responses = [c.response for p in problems for c in p.candidates]
+    # A row's own 'finished' decides whether its response ended with EOS; --append_eos is for rows without one.
+    append_eos = [args.append_eos if c.finished is None else c.finished for p in problems for c in p.candidates]
     scored = score_responses(
         model,
         tokenizer,
@@ -555,8 +568,9 @@ def run_score(argv: list[str]) -> int:
         beta=args.beta,
         adapter_name=args.adapter_name,
         step_split=args.step_split,
-        append_eos=args.append_eos,
+        append_eos=append_eos,
         batch_size=args.batch_size,
+        fused=True,  # load_prm adds TRL's fused LM head
     )
     by_problem, position = [], 0
     for problem in problems:

@@ -20,11 +20,16 @@ Metrics (all averaged over problems):
 A completion is *correct* when its verifier score is 1 (code with stdin/stdout cases: every case passed).
 
 Generation uses ``transformers`` ``generate`` by default and vLLM when it is installed and a GPU is present
-(``backend="auto"``). The vLLM path is not run in this project's CI (CPU only).
+(``backend="auto"``). The vLLM path is not run in this project's CI (CPU only). Every decoding setting is set
+explicitly (`decoding_settings`: nothing comes from the model's ``generation_config.json``), prompts are
+tokenised as TRL tokenises them in training (`prompt_token_ids`), and each problem's samples come from their own
+random streams (`sample_seed`), so results do not depend on ``batch_size``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -53,7 +58,9 @@ __all__ = [
     "load_policy",
     "majority_vote",
     "pass_at_k",
+    "prompt_token_ids",
     "render_prompt",
+    "sample_seed",
 ]
 
 # The columns the verifiers read (see prime_trl.data): passed to `task_reward` as lists, one value per completion.
@@ -124,7 +131,16 @@ class EvalArguments:
     device: str | None = field(
         default=None, metadata={"help": "Device for the HF backend (default: cuda if available, else cpu)."}
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the sampling."})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of the sampling: each problem's samples depend only on this seed and the problem's prompt "
+            "(not on --batch_size, --limit or the order of the rows)."
+        },
+    )
+    data_seed: int = field(
+        default=0, metadata={"help": "Seed that draws the prime-demo problems (independent of --seed)."}
+    )
     output_dir: str = field(
         default="eval_output",
         metadata={"help": "Writes predictions.jsonl (every completion with its grade) and summary.json here."},
@@ -148,6 +164,13 @@ class EvalArguments:
                 )
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be >= 1.")
+        if self.num_samples and not self.temperature > 0:
+            raise ValueError(
+                f"temperature={self.temperature} with --num_samples {self.num_samples}: sampling needs a temperature "
+                "> 0 (PRIME trains at 1.0). For greedy decoding use the default --greedy true with --num_samples 0."
+            )
+        if self.num_samples and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1.0 keeps the whole distribution).")
 
     def ks(self) -> list[int]:
         """The k values reported: ``k`` if given, else powers of two below ``num_samples`` and ``num_samples``."""
@@ -186,6 +209,7 @@ def majority_vote(
     correct: Sequence[bool],
     equivalent: Callable[[list[str], list[str]], list[bool]] | None = None,
     max_groups: int = 16,
+    weights: Sequence[float] | None = None,
 ) -> float:
     """Accuracy of the majority answer: the expected correctness when ties are broken uniformly at random.
 
@@ -195,6 +219,8 @@ def majority_vote(
         equivalent: batched equivalence test ``(preds, golds) -> [bool]`` used to merge groups whose normalised
             strings differ (``1/2`` and ``\\frac{1}{2}``); ``None`` groups by normalised string only. Only the
             ``max_groups`` largest groups are compared (pairs grow quadratically).
+        weights: a vote weight per completion (default 1 each); a group's total weight decides. Equal weights
+            give exactly the plain majority vote.
 
     Returns:
         A value in [0, 1] (fractional only when the vote is tied).
@@ -208,8 +234,11 @@ def majority_vote(
     keys = sorted(groups, key=lambda key: -len(groups[key]))
     if equivalent is not None and len(keys) > 1:
         keys = _merge_equivalent(keys[:max_groups], groups, answers, equivalent) + keys[max_groups:]
-    best = max(len(groups[key]) for key in keys)
-    tied = [key for key in keys if len(groups[key]) == best]
+    weight = [1.0] * len(answers) if weights is None else [float(w) for w in weights]
+    # Totals summed in index order, so groups of equally weighted members tie exactly.
+    totals = {key: math.fsum(weight[i] for i in sorted(groups[key])) for key in keys}
+    best = max(totals.values())
+    tied = [key for key in keys if totals[key] >= best - 1e-12 * max(1.0, abs(best))]
     # Each group's correctness is the mean of its members' grades (they agree unless equivalence is fuzzy).
     return sum(sum(correct[i] for i in groups[key]) / len(groups[key]) for key in tied) / len(tied)
 
@@ -251,7 +280,11 @@ def _math_equivalent(preds: list[str], golds: list[str]) -> list[bool]:
 
 
 def load_eval_dataset(args: EvalArguments):
-    """The benchmark as a `datasets.Dataset` with prime_trl.data's columns (``prompt``, ``task``, ``answer``, ...)."""
+    """The benchmark as a `datasets.Dataset` with prime_trl.data's columns (``prompt``, ``task``, ``answer``, ...).
+
+    ``prime-demo`` problems are drawn with ``args.data_seed`` from the task's held-out partition (``--split``
+    picks another), so ``--seed`` changes the samples, never the problems.
+    """
     from prime_trl.data import DEMO_DATASET_NAMES, load_dataset_by_name
 
     if args.data.lower() in DEMO_DATASET_NAMES:
@@ -259,7 +292,10 @@ def load_eval_dataset(args: EvalArguments):
 
         from prime_trl.demo.task import make_dataset
 
-        demo = make_dataset(args.limit or 500, seed=args.seed, partition="test")
+        partition = args.split or "test"
+        if partition not in ("train", "validation", "test"):
+            raise ValueError(f"--split {partition}: prime-demo has the splits train, validation and test.")
+        demo = make_dataset(args.limit or 500, seed=args.data_seed, partition=partition)
         return Dataset.from_dict(
             {
                 "prompt": demo["prompt"],
@@ -272,10 +308,25 @@ def load_eval_dataset(args: EvalArguments):
                 "id": demo["expression"],
             }
         )
-
+    check_split(args.data, args.split)
     return load_dataset_by_name(
         args.data, args.split, path=args.data_dir, system_prompt=args.system_prompt, limit=args.limit
     )
+
+
+def check_split(data: str, split: str | None) -> None:
+    """Fail when ``split`` is not a split of the named data set (a test-only benchmark has no train split: using
+    its test rows instead would silently evaluate something else)."""
+    from prime_trl.data import _FILES, canonical_dataset_name
+
+    key = canonical_dataset_name(data)
+    if split is None or key is None:
+        return
+    available = ["train", "validation"] if key == "eurus" else sorted(s for name, s in _FILES if name == key)
+    if split not in available:
+        raise ValueError(
+            f"--split {split}: {data} has only the split(s) {available}; drop --split or choose one of them."
+        )
 
 
 def grade_completions(
@@ -305,20 +356,60 @@ class Generation:
 class Generator(Protocol):
     """What `evaluate` needs from a backend."""
 
-    def render(self, prompt: str | list[dict]) -> str: ...
+    def encode(self, prompt: str | list[dict]) -> list[int]: ...
 
-    def generate(self, prompts: Sequence[str], num_samples: int, greedy: bool) -> list[list[Generation]]: ...
+    def generate(
+        self, prompt_ids: Sequence[list[int]], num_samples: int, greedy: bool, seeds: Sequence[int]
+    ) -> list[list[Generation]]: ...
 
 
 def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
     """The text the model sees: the chat template (with the assistant turn opened) for message lists, the string
-    itself for plain prompts (TRL's "standard" format, as the demo task uses)."""
+    itself for plain prompts (TRL's "standard" format, as the demo task uses). `prompt_token_ids` gives the ids."""
     if isinstance(prompt, str):
         return prompt
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
     logger.warning("The tokenizer has no chat template; joining the messages' contents as plain text.")
     return "\n\n".join(message["content"] for message in prompt)
+
+
+def prompt_token_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """The prompt's token ids exactly as TRL's GRPOTrainer tokenises it in training (eval and score use this too).
+
+    Chat messages: the chat template, whose text already holds any BOS, tokenised without special tokens. A plain
+    string: tokenised *with* the tokenizer's special tokens (TRL calls ``processing_class(text=prompts)``), so a
+    BOS-adding tokenizer (Llama, Mistral, Gemma) puts its BOS first, as in training.
+    """
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
+def sample_seed(seed: int, prompt: str | list[dict], sample: int) -> int:
+    """Seed of one sampled completion: a function of ``seed``, the problem's prompt and the sample's index only,
+    so a problem's samples do not change with the batch size, ``--limit`` or the other problems."""
+    key = json.dumps([seed, prompt, sample], ensure_ascii=False, sort_keys=True)
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 2  # room for + sample
+
+
+def decoding_settings(greedy: bool, temperature: float, top_p: float, max_new_tokens: int) -> dict[str, Any]:
+    """Every setting that decides which token comes next, explicit (nothing left for the model's
+    ``generation_config.json`` to fill in): plain greedy decoding, or sampling at ``temperature`` / ``top_p``
+    from the full distribution (no top-k, min-p or repetition penalty), as PRIME's rollouts are drawn."""
+    return {
+        "do_sample": not greedy,
+        "temperature": 1.0 if greedy else temperature,
+        "top_p": 1.0 if greedy else top_p,
+        "top_k": 0,
+        "min_p": 0.0,
+        "typical_p": 1.0,
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "num_beams": 1,
+        "min_new_tokens": 0,
+        "max_new_tokens": max_new_tokens,
+    }
 
 
 def _resolve_dtype(dtype: str) -> torch.dtype | str:
@@ -366,8 +457,41 @@ def load_policy(
     return policy.to(device).eval(), tokenizer
 
 
+class _SeededGumbelSampler:
+    """Logits processor that turns greedy decoding into sampling with one random stream per sequence.
+
+    ``argmax(log p + g)`` with ``g`` i.i.d. standard Gumbel noise is an exact draw from ``p`` (the Gumbel-max
+    trick). Each row draws its noise from its own `torch.Generator`, seeded by `sample_seed`, so what a row
+    samples does not depend on which other rows share its batch (``torch.multinomial`` in ``generate`` would
+    use one global stream for the whole batch).
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device):
+        self.generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        self.device = device
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        vocab = scores.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-300)))
+        # -inf logits (removed by top-p) stay -inf: they can never be drawn.
+        return scores.float() + gumbel.to(device=scores.device, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _own_generation_config(model, config):
+    """Make ``config`` the model's generation config while generating: ``generate`` fills every field left unset
+    from ``model.generation_config`` (the model's generation_config.json), so nothing of it may remain there."""
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 class HFGenerator:
-    """Batched ``transformers`` generation (left padding, stops at EOS)."""
+    """Batched ``transformers`` generation (left padding, stops at EOS) with every decoding setting explicit."""
 
     def __init__(
         self,
@@ -399,38 +523,64 @@ class HFGenerator:
             batch_size=args.batch_size,
         )
 
-    def render(self, prompt: str | list[dict]) -> str:
-        return render_prompt(self.tokenizer, prompt)
+    def encode(self, prompt: str | list[dict]) -> list[int]:
+        return prompt_token_ids(self.tokenizer, prompt)
 
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[str], num_samples: int, greedy: bool) -> list[list[Generation]]:
-        """``[len(prompts)][num_samples]`` completions (greedy: ``num_samples`` must be 1)."""
+    def generation_config(self, greedy: bool):
+        """The complete `GenerationConfig` of one call. Sampling runs as greedy decoding over temperature- and
+        top-p-processed logits plus per-row Gumbel noise (`_SeededGumbelSampler`), hence ``do_sample=False``."""
         from transformers import GenerationConfig
 
-        if greedy and num_samples != 1:
-            raise ValueError("greedy decoding gives one completion per prompt; use num_samples=1")
-        sampling = (
-            {"do_sample": False}
-            if greedy
-            else {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
-        )
-        config = GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            num_return_sequences=num_samples,
+        settings = decoding_settings(greedy, self.temperature, self.top_p, self.max_new_tokens)
+        settings.update(do_sample=False, temperature=1.0, top_p=1.0)  # applied by our own processors
+        return GenerationConfig(
+            **settings,
+            num_return_sequences=1,  # generate() repeats each prompt num_samples times itself
             eos_token_id=sorted(self.eos_ids) or None,
             pad_token_id=self.tokenizer.pad_token_id,
-            **sampling,
+            bos_token_id=self.tokenizer.bos_token_id,
+            use_cache=True,
         )
+
+    def _logits_processors(self, seeds: list[int], device):
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        processors = LogitsProcessorList()
+        if self.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_p < 1.0:
+            processors.append(TopPLogitsWarper(self.top_p))
+        processors.append(_SeededGumbelSampler(seeds, device))
+        return processors
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: Sequence[list[int]], num_samples: int, greedy: bool, seeds: Sequence[int] | None = None
+    ) -> list[list[Generation]]:
+        """``[len(prompt_ids)][num_samples]`` completions (greedy: ``num_samples`` must be 1). Sample ``j`` of
+        prompt ``i`` draws from the stream seeded ``seeds[i] + j``."""
+        if greedy and num_samples != 1:
+            raise ValueError("greedy decoding gives one completion per prompt; use num_samples=1")
+        seeds = list(seeds) if seeds is not None else [0] * len(prompt_ids)
+        config = self.generation_config(greedy)
         device = next(self.model.parameters()).device
         per_call = max(1, self.batch_size // num_samples)
         results: list[list[Generation]] = []
-        for start in range(0, len(prompts), per_call):
-            chunk = list(prompts[start : start + per_call])
-            encoded = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            output = self.model.generate(**encoded, generation_config=config)
-            new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
-            generations = [self._generation(ids) for ids in new_tokens]
-            results.extend(generations[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk)))
+        with _own_generation_config(self.model, config):
+            for start in range(0, len(prompt_ids), per_call):
+                chunk = [list(ids) for ids in prompt_ids[start : start + per_call]]
+                rows = [ids for ids in chunk for _ in range(num_samples)]
+                input_ids, attention_mask = _left_pad(rows, self.tokenizer.pad_token_id, device)
+                extra = {}
+                if not greedy:
+                    row_seeds = [seed + j for seed in seeds[start : start + per_call] for j in range(num_samples)]
+                    extra["logits_processor"] = self._logits_processors(row_seeds, device)
+                output = self.model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **extra
+                )
+                new_tokens = output[:, input_ids.shape[1] :].tolist()
+                generations = [self._generation(ids) for ids in new_tokens]
+                results.extend(generations[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk)))
         return results
 
     def _generation(self, ids: list[int]) -> Generation:
@@ -440,9 +590,47 @@ class HFGenerator:
         return Generation(text=text, finished=end is not None, num_tokens=len(kept))
 
 
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        if ids:
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[i, width - len(ids) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def vllm_requests(
+    args: EvalArguments, prompt_ids: Sequence[list[int]], num_samples: int, greedy: bool, seeds: Sequence[int]
+) -> tuple[list[dict], list[dict]]:
+    """vLLM inputs and per-prompt ``SamplingParams`` keyword arguments.
+
+    Prompts go in as token ids (``{"prompt_token_ids": ...}``): given text, vLLM would tokenise it again with
+    the special tokens, putting a second BOS before a chat template that already starts with one. Each prompt
+    carries its own seed, so its samples do not depend on the other prompts.
+    """
+    settings = decoding_settings(greedy, args.temperature, args.top_p, args.max_new_tokens)
+    params = {
+        "temperature": 0.0 if greedy else settings["temperature"],
+        "top_p": settings["top_p"],
+        "top_k": -1,  # vLLM's "disabled"
+        "min_p": settings["min_p"],
+        "repetition_penalty": settings["repetition_penalty"],
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "max_tokens": settings["max_new_tokens"],
+        "min_tokens": settings["min_new_tokens"],
+        "n": num_samples,
+    }
+    inputs = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+    return inputs, [{**params, "seed": seed} for seed in seeds]
+
+
 class VLLMGenerator:
     """vLLM generation, the policy adapter applied as a vLLM LoRA adapter. Needs vLLM and a GPU: not run in
-    this project's CI (CPU only); the code follows vLLM's documented ``LLM.generate`` / ``LoRARequest`` API."""
+    this project's CI (CPU only); the code follows vLLM's documented ``LLM.generate`` / ``LoRARequest`` API, and
+    what it sends is built by `vllm_requests` (unit tested)."""
 
     def __init__(self, args: EvalArguments):
         from vllm import LLM
@@ -459,26 +647,24 @@ class VLLMGenerator:
             max_lora_rank=max(16, lora_rank or 16),
             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
             trust_remote_code=args.trust_remote_code,
+            generation_config="vllm",  # vLLM's neutral defaults, not the model's generation_config.json
         )
         self.lora = LoRARequest("policy", 1, args.adapter) if args.adapter is not None else None
         self.prompts_per_call = 1024
         self.tokenizer = self.llm.get_tokenizer()
         self.args = args
 
-    def render(self, prompt: str | list[dict]) -> str:
-        return render_prompt(self.tokenizer, prompt)
+    def encode(self, prompt: str | list[dict]) -> list[int]:
+        return prompt_token_ids(self.tokenizer, prompt)
 
-    def generate(self, prompts: Sequence[str], num_samples: int, greedy: bool) -> list[list[Generation]]:
+    def generate(
+        self, prompt_ids: Sequence[list[int]], num_samples: int, greedy: bool, seeds: Sequence[int] | None = None
+    ) -> list[list[Generation]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=num_samples,
-            temperature=0.0 if greedy else self.args.temperature,
-            top_p=1.0 if greedy else self.args.top_p,
-            max_tokens=self.args.max_new_tokens,
-            seed=self.args.seed,
-        )
-        outputs = self.llm.generate(list(prompts), params, lora_request=self.lora)
+        seeds = list(seeds) if seeds is not None else [self.args.seed] * len(prompt_ids)
+        inputs, params = vllm_requests(self.args, prompt_ids, num_samples, greedy, seeds)
+        outputs = self.llm.generate(inputs, [SamplingParams(**p) for p in params], lora_request=self.lora)
         return [
             [Generation(o.text, o.finish_reason == "stop", len(o.token_ids)) for o in request.outputs]
             for request in outputs
@@ -542,18 +728,18 @@ def evaluate(
     # batches and is fastest when given many prompts at once.
     chunk_size = max(1, args.batch_size // max(1, args.num_samples)) if args.num_samples else args.batch_size
     chunk_size = getattr(generator, "prompts_per_call", None) or chunk_size
-    torch.manual_seed(args.seed)
     predictions_path = output_dir / "predictions.jsonl"
     with open(predictions_path, "w", encoding="utf-8") as handle:
         bar = tqdm(range(0, len(rows), chunk_size), desc=f"eval {args.data}", unit="batch")
         for start in bar:
             chunk = rows[start : start + chunk_size]
-            texts = [generator.render(row["prompt"]) for row in chunk]
+            prompt_ids = [generator.encode(row["prompt"]) for row in chunk]
+            seeds = [sample_seed(args.seed, row["prompt"], 0) for row in chunk]
             runs: list[tuple[str, list[list[Generation]]]] = []
             if args.greedy:
-                runs.append(("greedy", generator.generate(texts, 1, greedy=True)))
+                runs.append(("greedy", generator.generate(prompt_ids, 1, greedy=True, seeds=seeds)))
             if args.num_samples:
-                runs.append(("sample", generator.generate(texts, args.num_samples, greedy=False)))
+                runs.append(("sample", generator.generate(prompt_ids, args.num_samples, greedy=False, seeds=seeds)))
             for mode, generations in runs:
                 flat = [(row, g) for row, gens in zip(chunk, generations) for g in gens]
                 scores = grade_completions([r for r, _ in flat], [g.text for _, g in flat], reward_fn)
@@ -609,6 +795,11 @@ def evaluate(
         "temperature": args.temperature,
         "top_p": args.top_p,
         "max_new_tokens": args.max_new_tokens,
+        "decoding": {
+            mode: decoding_settings(mode == "greedy", args.temperature, args.top_p, args.max_new_tokens)
+            for mode, wanted in (("greedy", args.greedy), ("sampled", args.num_samples > 0))
+            if wanted
+        },
         "metrics": metrics,
         "predictions": str(predictions_path),
         "settings": asdict(args),
@@ -652,5 +843,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         label = name + (sampled if name.startswith(("pass@", "maj@")) and "greedy" not in name else "")
         lines.append(f"| {label} | {value:.1f} |" if name == "mean completion tokens" else f"| {label} | {value:.3f} |")
     lines.append("")
+    for mode, settings in summary.get("decoding", {}).items():
+        shown = ", ".join(f"{name}={value}" for name, value in settings.items() if name != "do_sample")
+        lines.append(f"decoding ({mode}): {shown}")
     lines.append(f"predictions: {summary['predictions']}")
     return "\n".join(lines)

@@ -59,7 +59,9 @@ __all__ = [
 # Named step splitters; anything else given as --step_split is used as a regular expression matching the
 # separators. A separator belongs to the step it ends.
 STEP_SPLITS = {
-    "action": r"(?=\[[A-Z][A-Z ]*\])",  # Eurus-2 action-centric CoT: a step starts at each "[ACTION]" marker
+    # Eurus-2 action-centric CoT: a step starts at each "[ACTION]" marker that opens a line. A marker inside a
+    # line ("Next action: [ADVANCE]", which PRIME's system prompt asks for) only announces the next step.
+    "action": r"(?m)^(?=\[[A-Z][A-Z ]*\])",
     "blank": r"\n[ \t]*\n",  # paragraphs
     "newline": r"\n",
     "none": None,  # the whole response is one step
@@ -95,7 +97,12 @@ class ScoreArguments:
         metadata={"help": "Base model (hub id or path). Default: base_model_name_or_path of the adapter config."},
     )
     beta: float = field(
-        default=0.05, metadata={"help": "prime_beta the PRM was trained with (scales rewards; ranking unchanged)."}
+        default=0.05,
+        metadata={
+            "help": "prime_beta the PRM was trained with. It scales every reward, so best-of-N rankings do not depend "
+            "on it; the PRM-weighted vote does (its weights sigmoid(r(y)) are the PRM's P(correct) only at the "
+            "training beta)."
+        },
     )
     step_split: str = field(
         default="auto",
@@ -115,8 +122,9 @@ class ScoreArguments:
     append_eos: bool = field(
         default=True,
         metadata={
-            "help": "Score the EOS token after each response, as PRIME does during training (its reward joins "
-            "the last step). Use --append_eos false for responses that were cut off."
+            "help": "For rows without a 'finished' field: score an EOS token after the response, as PRIME does "
+            "for completions that ended (its reward joins the last step). Rows with 'finished' (predictions.jsonl "
+            "of `prime-trl eval`) get an EOS exactly when finished is true: a cut-off response has none."
         },
     )
     output_dir: str = field(
@@ -130,6 +138,16 @@ class ScoreArguments:
     adapter_name: str = field(default="prm", metadata={"help": "Name the PRM adapter is loaded under."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, float32, bfloat16, float16."})
     device: str | None = field(default=None, metadata={"help": "Default: cuda if available, else cpu."})
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the base in 4 bits (bitsandbytes), as `prime-trl train --load_in_4bit` (QLoRA) trained "
+            "the PRM: the reference and PRM log-probs then come from the same rounded base as in training. Give "
+            "the same --dtype, --bnb_4bit_quant_type and --use_bnb_nested_quant as the training run."
+        },
+    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit type (nf4 or fp4), as in training."})
+    use_bnb_nested_quant: bool = field(default=False, metadata={"help": "Nested 4-bit quantization, as in training."})
 
     def __post_init__(self) -> None:
         if self.aggregate not in AGGREGATIONS:
@@ -191,8 +209,16 @@ def load_prm(
     adapter_name: str = "prm",
     dtype: str = "auto",
     device: str | None = None,
+    quantization_config=None,
 ):
     """Load the base model with the PRM adapter (inactive until `score_responses` switches it on).
+
+    The base gets TRL's fused LM head at temperature 1, as in training, so scoring never builds the
+    ``[B, T, vocab]`` logits: pass ``fused=True`` to `score_responses` / `implicit_rewards`.
+
+    A PRM trained on a 4-bit (QLoRA) base must be scored on the same 4-bit base: pass the training run's
+    ``quantization_config`` (`quantization_config_for` builds it from the ``prime-trl train`` flags). Without it
+    the base is loaded unquantized and the rewards differ from training's by the 4-bit rounding of the base.
 
     Returns:
         ``(peft_model, tokenizer)``; the tokenizer comes from the output dir next to ``prm/`` when it has one,
@@ -200,6 +226,7 @@ def load_prm(
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.utils import add_fused_lm_head
 
     from prime_trl.apps.evaluation import _resolve_dtype
 
@@ -210,7 +237,18 @@ def load_prm(
             raise ValueError(f"{prm_dir}/adapter_config.json names no base model; pass --model.")
         logger.info("Base model from the adapter config: %s", model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=_resolve_dtype(dtype))
+    if quantization_config is None:
+        base = AutoModelForCausalLM.from_pretrained(model, dtype=_resolve_dtype(dtype)).to(device)
+    else:
+        from prime_trl.trainer.quantization import protect_4bit_base
+
+        base = AutoModelForCausalLM.from_pretrained(
+            model, dtype=_resolve_dtype(dtype), quantization_config=quantization_config, device_map={"": device}
+        )
+        # Training keeps the 4-bit weights in their trainable layout (bitsandbytes' CPU inference repacking
+        # rounds differently); score them in the same layout.
+        protect_4bit_base(base)
+    add_fused_lm_head(base, temperature=1.0)  # before PEFT wraps the model, as TRL requires
     peft_model = PeftModel.from_pretrained(base, str(prm_dir), adapter_name=adapter_name)
     tokenizer_source = next(
         (str(d) for d in (prm_dir.parent, prm_dir) if (d / "tokenizer_config.json").is_file()), model
@@ -218,7 +256,25 @@ def load_prm(
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return peft_model.to(device).eval(), tokenizer
+    return peft_model.eval(), tokenizer
+
+
+def quantization_config_for(args: ScoreArguments):
+    """The `BitsAndBytesConfig` ``prime-trl train`` builds from the same flags (TRL's `get_quantization_config`),
+    or None without ``--load_in_4bit``."""
+    if not args.load_in_4bit:
+        return None
+    from trl import ModelConfig, get_quantization_config
+
+    dtype = None if args.dtype == "auto" else args.dtype
+    return get_quantization_config(
+        ModelConfig(
+            load_in_4bit=True,
+            dtype=dtype,
+            bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+            use_bnb_nested_quant=args.use_bnb_nested_quant,
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -231,7 +287,9 @@ class ScoredResponse:
     """Implicit rewards of one response.
 
     ``tokens`` are the response's text pieces, one per token (they concatenate to ``text``; an appended EOS is
-    the piece ``""``); ``step_spans`` are token index ranges, one per step.
+    the piece ``""``); ``step_spans`` are token index ranges, one per step, and ``steps[i]`` is the text of
+    exactly the tokens ``step_spans[i]``, whose rewards sum to ``step_rewards[i]`` (steps are cut at token
+    boundaries).
     """
 
     text: str
@@ -269,13 +327,34 @@ def _token_pieces(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int]]
     return spans
 
 
-def encode_responses(tokenizer, prompts: Sequence[str], responses: Sequence[str], append_eos: bool) -> CompletionBatch:
-    """Prompts left-padded, responses right-padded (+ EOS), as TRL's generation batches are laid out."""
+def _per_row(flag: bool | Sequence[bool], count: int) -> list[bool]:
+    flags = [bool(flag)] * count if isinstance(flag, bool) else [bool(f) for f in flag]
+    if len(flags) != count:
+        raise ValueError(f"append_eos has {len(flags)} values for {count} responses")
+    return flags
+
+
+def encode_responses(
+    tokenizer,
+    prompts: Sequence[str | list[dict]],
+    responses: Sequence[str],
+    append_eos: bool | Sequence[bool],
+) -> CompletionBatch:
+    """Prompts left-padded, responses right-padded (+ EOS), as TRL's generation batches are laid out.
+
+    ``prompts`` are as in a TRL dataset's ``prompt`` column (chat messages or a plain string) and are tokenised
+    exactly as training tokenises them (`prime_trl.apps.evaluation.prompt_token_ids`); ``append_eos`` is one
+    flag for every response or one per response (an EOS ends a finished response; a cut-off one has none).
+    """
+    from prime_trl.apps.evaluation import prompt_token_ids
+
     pad = tokenizer.pad_token_id
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
-    if append_eos:
-        response_ids = [ids + [tokenizer.eos_token_id] for ids in response_ids]
+    response_ids = [
+        ids + [tokenizer.eos_token_id] if eos else ids
+        for ids, eos in zip(response_ids, _per_row(append_eos, len(responses)))
+    ]
     if not all(prompt_ids):
         # The first response token is scored from the position before it; without a prompt there is none.
         raise ValueError("every response needs a non-empty prompt to be scored")
@@ -301,18 +380,22 @@ def encode_responses(tokenizer, prompts: Sequence[str], responses: Sequence[str]
 def implicit_rewards(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str | list[dict]],
     responses: Sequence[str],
     *,
     beta: float = 0.05,
     adapter_name: str = "prm",
-    append_eos: bool = True,
+    append_eos: bool | Sequence[bool] = True,
     batch_size: int = 8,
     progress: bool = False,
+    fused: bool = False,
 ) -> list[tuple[list[int], torch.Tensor]]:
     """For each response, its scored token ids and their implicit rewards ``beta * (log pi_prm - log pi_ref)``
     (``[T_i]`` on the CPU, the appended EOS last): the PRM adapter against the same model with every adapter
-    disabled. Both passes see the same rows, so an untrained (zero) PRM gives exactly zero rewards."""
+    disabled. Both passes see the same rows, so an untrained (zero) PRM gives exactly zero rewards.
+
+    ``prompts`` as in `encode_responses`. ``fused``: the model's base carries TRL's fused LM head at temperature
+    1 (`load_prm` adds it), so log-probs come without the ``[B, T, vocab]`` logits, as in training."""
     from trl.trainer.utils import use_adapter
 
     if len(prompts) != len(responses):
@@ -323,11 +406,15 @@ def implicit_rewards(
     model.eval()
     device = next(model.parameters()).device
     scored: list[tuple[list[int], torch.Tensor]] = []
+    append_eos = _per_row(append_eos, len(prompts))
     starts = range(0, len(prompts), batch_size)
     try:
         for start in tqdm(starts, desc="implicit rewards", unit="batch", disable=not progress or len(starts) < 2):
             batch = encode_responses(
-                tokenizer, prompts[start : start + batch_size], responses[start : start + batch_size], append_eos
+                tokenizer,
+                prompts[start : start + batch_size],
+                responses[start : start + batch_size],
+                append_eos[start : start + batch_size],
             )
             batch = CompletionBatch(
                 *(
@@ -336,9 +423,9 @@ def implicit_rewards(
                 )
             )
             with use_adapter(model, None):  # reference: the base with every adapter off
-                ref_logps = completion_log_probs(model, batch, fused=False)
+                ref_logps = completion_log_probs(model, batch, fused=fused)
             with use_adapter(model, adapter_name):
-                prm_logps = completion_log_probs(model, batch, fused=False)
+                prm_logps = completion_log_probs(model, batch, fused=fused)
             rewards = implicit_token_rewards(prm_logps, ref_logps, batch.completion_mask.float(), beta).cpu()
             for i, length in enumerate(batch.completion_mask.sum(-1).tolist()):
                 scored.append((batch.completion_ids[i, :length].tolist(), rewards[i, :length]))
@@ -350,15 +437,16 @@ def implicit_rewards(
 def score_responses(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str | list[dict]],
     responses: Sequence[str],
     *,
     beta: float = 0.05,
     adapter_name: str = "prm",
     step_split: str = "auto",
-    append_eos: bool = True,
+    append_eos: bool | Sequence[bool] = True,
     batch_size: int = 8,
     progress: bool = True,
+    fused: bool = False,
 ) -> list[ScoredResponse]:
     """Per-token, per-step and sequence implicit rewards of ``responses[i]`` to ``prompts[i]``.
 
@@ -366,12 +454,17 @@ def score_responses(
         model: a `PeftModel` with the PRM adapter ``adapter_name``; the reference is the same model with every
             adapter disabled.
         tokenizer: its tokenizer.
-        prompts: the text the model saw before the response (chat-templated; see `render_prompt`).
+        prompts: the prompts as in the dataset (chat messages or plain strings; tokenised as in training).
         responses: the responses' text.
         beta: ``prime_beta`` of training.
-        step_split: see `split_steps`.
-        append_eos: score an EOS token after each response (training completions end with one).
+        step_split: see `split_steps`; steps are then aligned to token boundaries (see `ScoredResponse`).
+        append_eos: score an EOS token after each response (finished training completions end with one), or one
+            flag per response.
+        fused: see `implicit_rewards`.
     """
+    from prime_trl.apps.evaluation import render_prompt
+
+    append_eos = _per_row(append_eos, len(prompts))
     token_rewards = implicit_rewards(
         model,
         tokenizer,
@@ -382,37 +475,45 @@ def score_responses(
         append_eos=append_eos,
         batch_size=batch_size,
         progress=progress,
+        fused=fused,
     )
     results: list[ScoredResponse] = []
-    for prompt, text, (ids, rewards) in zip(prompts, responses, token_rewards, strict=True):
-        text_ids = ids[:-1] if append_eos else ids
-        results.append(_scored(tokenizer, prompt, text, text_ids, rewards.tolist(), step_split))
+    for prompt, text, eos, (ids, rewards) in zip(prompts, responses, append_eos, token_rewards, strict=True):
+        text_ids = ids[:-1] if eos else ids
+        shown = render_prompt(tokenizer, prompt)
+        results.append(_scored(tokenizer, shown, text, text_ids, rewards.tolist(), step_split))
     return results
 
 
 def _scored(tokenizer, prompt: str, text: str, ids: list[int], rewards: list[float], step_split: str):
+    """Token pieces, steps and their rewards of one response.
+
+    Rewards exist per token, so steps are cut at token boundaries: a token belongs to the step holding its first
+    character (an appended EOS to the last step), and a step's text is the text of exactly the tokens whose
+    rewards make its step reward. A cut inside a token moves to that token's end; a step left without tokens is
+    dropped.
+    """
     char_spans = _token_pieces(tokenizer, text, ids)
     tokens = [text[a:b] for a, b in char_spans]
     if len(rewards) > len(ids):  # the appended EOS: an empty piece, part of the last step
         tokens.append("")
-    step_chars = split_steps(text, step_split) or [(0, 0)]
-    step_starts = [start for start, _ in step_chars]
-    # A token belongs to the step holding its first character (the EOS to the last step); tokens are in text
-    # order, so every step gets a contiguous token range (empty if a token straddles the whole step).
+    step_starts = [start for start, _ in split_steps(text, step_split)]
     owner = [
-        bisect.bisect_right(step_starts, char_spans[t][0]) - 1 if t < len(char_spans) else len(step_chars) - 1
+        bisect.bisect_right(step_starts, char_spans[t][0]) - 1 if t < len(char_spans) else len(step_starts) - 1
         for t in range(len(tokens))
     ]
-    step_spans = []
-    for index in range(len(step_chars)):
-        members = [t for t, s in enumerate(owner) if s == index]
-        first = members[0] if members else (step_spans[-1][1] if step_spans else 0)
-        step_spans.append((first, members[-1] + 1 if members else first))
+    # Tokens are in text order, so each step's tokens are one contiguous range.
+    step_spans: list[tuple[int, int]] = []
+    for t, step in enumerate(owner):
+        if t and step == owner[t - 1]:
+            step_spans[-1] = (step_spans[-1][0], t + 1)
+        else:
+            step_spans.append((t, t + 1))
     return ScoredResponse(
         text=text,
         tokens=tokens,
         token_rewards=rewards,
-        steps=[text[a:b] for a, b in step_chars],
+        steps=["".join(tokens[a:b]) for a, b in step_spans],
         step_spans=step_spans,
         step_rewards=[float(sum(rewards[a:b])) for a, b in step_spans],
         reward=float(sum(rewards)),
@@ -444,6 +545,7 @@ class Candidate:
     response: str
     label: float | None = None  # 1.0 correct, 0.0 wrong (fractions allowed), None unknown
     answer: str | None = None  # extracted final answer (math), for the majority vote
+    finished: bool | None = None  # ended with EOS (None: unknown, --append_eos decides)
 
 
 @dataclass
@@ -460,50 +562,144 @@ _RESPONSE_KEYS = ("response", "completion")
 _LABEL_KEYS = ("correct", "label", "score")
 
 
+class ResponseFileError(ValueError):
+    """A malformed responses file; the message names the file, the line and the fix."""
+
+
+def _read_rows(path: str | Path):
+    """``(line_number, row)`` of each non-empty line of a JSONL file, with errors that name the line."""
+    try:
+        handle = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise ResponseFileError(
+            f"{path}: no such file. Pass a .jsonl of responses (see --help for its fields)."
+        ) from None
+    except OSError as error:
+        raise ResponseFileError(f"{path}: cannot be read ({error.strerror}).") from None
+    with handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ResponseFileError(
+                    f"{path}:{line_number}: not valid JSON ({error.msg} at column {error.colno}); each line must be "
+                    "one JSON object."
+                ) from None
+            if not isinstance(row, dict):
+                raise ResponseFileError(
+                    f"{path}:{line_number}: a JSON {type(row).__name__}, not an object; each line must be one "
+                    'object such as {"prompt": ..., "responses": [...]}.'
+                )
+            yield line_number, row
+
+
+def _list_field(row: dict, keys: Sequence[str], count: int, where: str) -> list | None:
+    """The first of ``keys`` present and not null, checked to be a list of ``count`` values; None if absent."""
+    key = next((k for k in keys if row.get(k) is not None), None)
+    if key is None:
+        return None
+    values = row[key]
+    if not isinstance(values, list):
+        raise ResponseFileError(f"{where}: '{key}' must be a list with one value per response, not {values!r}.")
+    if len(values) != count:
+        raise ResponseFileError(f"{where}: {len(values)} '{key}' for {count} responses; give one per response.")
+    return values
+
+
+def _label(value, key: str, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or isinstance(value, (int, float)):
+        return float(value)
+    raise ResponseFileError(f"{where}: '{key}' must be a number or true/false (or null: unknown), not {value!r}.")
+
+
 def load_problems(path: str | Path, limit: int | None = None, reward_fn: Callable | None = None) -> list[Problem]:
     """Read a JSONL of responses (see `ScoreArguments.data`) into problems with labelled candidates.
 
     Rows with one response are grouped by ``id`` (else by prompt) in file order; greedy rows of a
     ``prime-trl eval`` predictions file are skipped (the samples are the candidates). Missing labels are filled
-    in with the verifier when the row has the columns it needs (``answer`` for math, ``tests`` for code).
+    in with the verifier when the row has the columns it needs (``answer`` for math, ``tests`` for code). A
+    ``finished`` field (one flag, or a list with ``responses``) says whether each response ended with EOS.
+
+    Raises:
+        ResponseFileError: a malformed file; the message names the file, the line and the fix.
     """
     problems: dict[str, Problem] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if row.get("mode") == "greedy":
-                # `prime-trl eval` output: the sampled completions are the N candidates; the greedy one is not
-                # a draw from the same distribution, so it is left out.
-                continue
-            if "prompt" not in row:
-                raise ValueError(f"{path}:{line_number}: no 'prompt' field (fields: {sorted(row)}).")
-            if "responses" in row:
-                responses = list(row["responses"])
-                labels = row.get("labels", row.get("scores", [None] * len(responses)))
-                if len(labels) != len(responses):
-                    raise ValueError(f"{path}:{line_number}: {len(labels)} labels for {len(responses)} responses.")
-            else:
-                key = next((k for k in _RESPONSE_KEYS if k in row), None)
-                if key is None:
-                    raise ValueError(
-                        f"{path}:{line_number}: expected 'response', 'completion' or 'responses' (fields: {sorted(row)})."
-                    )
-                responses = [row[key]]
-                labels = [next((row[k] for k in _LABEL_KEYS if k in row), None)]
-            problem_id = str(row.get("id") if row.get("id") is not None else json.dumps(row["prompt"]))
-            if problem_id not in problems:
-                if limit is not None and len(problems) >= limit:
-                    continue
-                grading = {k: row[k] for k in ("task", "answer", "tests", "code_prefix", "entry_point") if k in row}
-                problems[problem_id] = Problem(problem_id, row["prompt"], [], grading)
-            problems[problem_id].candidates.extend(
-                Candidate(str(r), None if lab is None else float(lab)) for r, lab in zip(responses, labels)
+    greedy_rows = 0
+    for line_number, row in _read_rows(path):
+        where = f"{path}:{line_number}"
+        if row.get("mode") == "greedy":
+            # `prime-trl eval` output: the sampled completions are the N candidates; the greedy one is not a draw
+            # from the same distribution, so it is left out.
+            greedy_rows += 1
+            continue
+        if "prompt" not in row:
+            raise ResponseFileError(f"{where}: no 'prompt' field (fields: {sorted(row)}); add the prompt.")
+        if not isinstance(row["prompt"], (str, list)) or not row["prompt"]:
+            raise ResponseFileError(f"{where}: 'prompt' must be a non-empty string or list of chat messages.")
+        if isinstance(row["prompt"], list) and not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in row["prompt"]
+        ):
+            raise ResponseFileError(
+                f"{where}: 'prompt' messages must be objects with string 'role' and 'content' fields."
             )
+        if "responses" in row:
+            responses = row["responses"]
+            if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+                raise ResponseFileError(
+                    f"{where}: 'responses' must be a list of strings (one per candidate), not {responses!r}; for "
+                    "one response use 'response'."
+                )
+            labels = _list_field(row, ("labels", "scores"), len(responses), where) or [None] * len(responses)
+            labels = [_label(value, "labels", where) for value in labels]
+            finished = row.get("finished")
+            if finished is None or isinstance(finished, bool):
+                finished = [finished] * len(responses)
+            else:
+                finished = _list_field(row, ("finished",), len(responses), where)
+        else:
+            key = next((k for k in _RESPONSE_KEYS if k in row), None)
+            if key is None:
+                raise ResponseFileError(
+                    f"{where}: expected 'response', 'completion' or 'responses' (fields: {sorted(row)})."
+                )
+            if not isinstance(row[key], str):
+                raise ResponseFileError(f"{where}: '{key}' must be a string, not {row[key]!r}.")
+            responses = [row[key]]
+            label_key = next((k for k in _LABEL_KEYS if k in row), None)
+            labels = [_label(row[label_key], label_key, where) if label_key else None]
+            finished = [row.get("finished")]
+        if any(f is not None and not isinstance(f, bool) for f in finished):
+            raise ResponseFileError(f"{where}: 'finished' must be true/false (did the response end with EOS?).")
+        problem_id = str(row.get("id") if row.get("id") is not None else json.dumps(row["prompt"]))
+        if problem_id not in problems:
+            if limit is not None and len(problems) >= limit:
+                continue
+            grading = {k: row[k] for k in ("task", "answer", "tests", "code_prefix", "entry_point") if k in row}
+            problems[problem_id] = Problem(problem_id, row["prompt"], [], grading)
+        problems[problem_id].candidates.extend(
+            Candidate(r, lab, finished=f) for r, lab, f in zip(responses, labels, finished)
+        )
     result = list(problems.values())
+    if not result:
+        why = (
+            f"its {greedy_rows} rows are all greedy completions (mode 'greedy'), which are not reranked; run "
+            "`prime-trl eval` with --num_samples N to get candidates"
+            if greedy_rows
+            else "it has no non-empty line"
+        )
+        raise ResponseFileError(f"{path} holds no responses to score: {why}.")
     _fill_labels_and_answers(result, reward_fn)
     return result
+
+
+def _has_value(value) -> bool:
+    """A grading column that is present: not None and not blank (``0`` is an answer)."""
+    return value is not None and str(value).strip() != ""
 
 
 def _fill_labels_and_answers(problems: list[Problem], reward_fn: Callable | None) -> None:
@@ -515,20 +711,29 @@ def _fill_labels_and_answers(problems: list[Problem], reward_fn: Callable | None
         for candidate in problem.candidates:
             if task == "math":
                 candidate.answer = extract_boxed(candidate.response)
-            gradable = task == "math" and problem.row.get("answer") or task == "code" and problem.row.get("tests")
+            gradable = (task == "math" and _has_value(problem.row.get("answer"))) or (
+                task == "code" and _has_value(problem.row.get("tests"))
+            )
             if candidate.label is None and gradable:
                 to_grade.append((problem, candidate, task))
     if to_grade:
         from prime_trl.apps.evaluation import grade_completions
 
         rows = [
-            {"task": task, **{k: p.row.get(k, "") for k in ("answer", "tests", "code_prefix", "entry_point")}}
+            {"task": task, **{k: _column_text(p.row.get(k)) for k in ("answer", "tests", "code_prefix", "entry_point")}}
             for p, _, task in to_grade
         ]
         scores = grade_completions(rows, [c.response for _, c, _ in to_grade], reward_fn)
         for (_, candidate, _), score in zip(to_grade, scores):
             candidate.label = score
         logger.info("Graded %d unlabelled responses with the verifier.", len(to_grade))
+
+
+def _column_text(value) -> str:
+    """A grading column as the verifiers take it: text (``0`` -> ``"0"``; test dicts as JSON)."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
 def _expected_choice_accuracy(labels: Sequence[float], scores: Sequence[float]) -> float:
@@ -551,8 +756,9 @@ def rerank(
     Returns:
         ``num_problems``, ``candidates_per_problem`` (mean), accuracies ``prm_rerank`` (the candidate with the
         best aggregated implicit reward), ``random`` (the exact expectation of a uniform pick: the mean fraction
-        of correct candidates), ``majority_vote`` and ``prm_weighted_vote`` (math only: answers voted with weight
-        ``sigmoid(r(y))``) when answers are available, ``oracle`` (some candidate is correct), and ``choices``:
+        of correct candidates), ``majority_vote`` and ``prm_weighted_vote`` (math only: the same vote, equivalent
+        answers merged alike, each answer weighted by ``sigmoid(r(y))``, the PRM's P(correct); an untrained PRM
+        gives every answer 0.5 and so exactly the majority vote) when answers are available, ``oracle`` (some candidate is correct), and ``choices``:
         per problem, the chosen index and every candidate's score.
     """
     from prime_trl.apps.evaluation import majority_vote
@@ -573,8 +779,10 @@ def rerank(
         answers = [c.answer for c in problem.candidates]
         if any(a is not None for a in answers):
             votes["majority_vote"].append(majority_vote(answers, [bool(c) for c in correct], equivalent))
-            weights = [1.0 / (1.0 + math.exp(-r.reward)) for r in responses]
-            votes["prm_weighted_vote"].append(_weighted_vote(answers, correct, weights))
+            weights = [_sigmoid(r.reward) for r in responses]
+            votes["prm_weighted_vote"].append(
+                majority_vote(answers, [bool(c) for c in correct], equivalent, weights=weights)
+            )
     counted = len(stats["random"])
     summary: dict[str, Any] = {"num_problems": counted, "aggregate": how}
     if counted:
@@ -595,22 +803,12 @@ def rerank(
     return summary
 
 
-def _weighted_vote(answers: Sequence[str | None], correct: Sequence[float], weights: Sequence[float]) -> float:
-    from prime_trl.apps.evaluation import _normalize_answer
-
-    totals: dict[str, float] = {}
-    members: dict[str, list[float]] = {}
-    for answer, label, weight in zip(answers, correct, weights):
-        if answer is None or not answer.strip():
-            continue
-        key = _normalize_answer(answer)
-        totals[key] = totals.get(key, 0.0) + weight
-        members.setdefault(key, []).append(label)
-    if not totals:
-        return 0.0
-    best = max(totals.values())
-    tied = [key for key, total in totals.items() if total >= best - 1e-12]
-    return sum(sum(members[k]) / len(members[k]) for k in tied) / len(tied)
+def _sigmoid(value: float) -> float:
+    """``1 / (1 + exp(-value))`` without overflow for large ``|value|``."""
+    if value >= 0:
+        return 1.0 / (1.0 + math.exp(-value))
+    exp = math.exp(value)
+    return exp / (1.0 + exp)
 
 
 # --------------------------------------------------------------------------------------------------------------
