@@ -174,6 +174,8 @@ def test_prm_step0_rewards_exactly_zero_and_update_matches(lora_model, count_sha
                     param.copy_(start[name])
         prm = ImplicitPRM(lora_model, "prm", beta=0.05, micro_batch_size=len(batch), share_prompt_prefix=share)
         prm.create_optimizer(learning_rate=1e-2)
+        # Plain SGD: Adam's first step is lr * sign(g) for |g| >> eps, which float rounding can flip on tiny g.
+        prm.optimizer = torch.optim.SGD(prm.parameters(), lr=1.0)
         out = prm.score_and_update(batch, labels)
         assert torch.equal(out.prm_logps, out.ref_logps)  # exactly, not approximately
         updates[share] = {n: p.detach() - start[n] for n, p in lora_model.named_parameters() if n in start}
