@@ -45,6 +45,8 @@ def test_two_process_training_keeps_adapters_identical(tiny_model_dir, tmp_path,
     assert rank0["world"] == rank1["world"] == 2
     for name, after in rank0["after"].items():
         assert torch.equal(after, rank1["after"][name]), f"{name} differs between ranks"
+    if engine == "ddp":  # share_prompt_prefix is on by default; DDP runs it (the sharded engines fall back)
+        assert True in rank0["shared_passes"] and True in rank1["shared_passes"]
     for role in (".default.", ".prm."):
         moved = [n for n in rank0["after"] if role in n and not torch.equal(rank0["after"][n], rank0["before"][n])]
         assert moved, f"no {role.strip('.')} adapter weight changed"

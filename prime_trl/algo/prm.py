@@ -25,6 +25,7 @@ from trl.trainer.utils import disable_dropout_in_model, use_adapter
 
 import prime_trl.algo.core as core
 import prime_trl.algo.distributed as distributed
+import prime_trl.algo.prefix as prefix
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,9 @@ class CompletionBatch:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
 
-def completion_log_probs(model: torch.nn.Module, batch: CompletionBatch, fused: bool) -> torch.Tensor:
+def completion_log_probs(
+    model: torch.nn.Module, batch: CompletionBatch, fused: bool, share_prefix: bool = False
+) -> torch.Tensor:
     """Log-probs ``[B, T]`` of the completion tokens at temperature 1.
 
     The log-prob of completion token ``t`` comes from the logits at the position before it (docs/algorithm.md, easy-to-get-wrong 1).
@@ -79,7 +82,18 @@ def completion_log_probs(model: torch.nn.Module, batch: CompletionBatch, fused: 
         batch: the rows to score.
         fused: use TRL's fused LM head (``model(..., fused_lm_head=True)``), which never materialises the
             ``[B, T, vocab]`` logits. Only valid when the head was added with temperature 1.
+        share_prefix: run each distinct prompt of the batch once and let its rows reuse its key/value states
+            (`prime_trl.algo.prefix`), when the model supports it and it saves enough work; the log-probs agree
+            with the plain forward to float rounding. The caller must pick the same value for passes whose results
+            are compared exactly (the reference and the PRM).
     """
+    if share_prefix:
+        groups = prefix.find_prefix_groups(batch.prompt_ids, batch.prompt_mask)
+        if prefix.worth_sharing(groups, batch.prompt_mask, batch.completion_ids.shape[1]):
+            log_probs, _ = prefix.shared_completion_log_probs(
+                model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, groups, fused
+            )
+            return log_probs.float()
     input_ids, attention_mask = batch.input_ids, batch.attention_mask
     num_completion = batch.completion_ids.shape[1]
     if fused:
@@ -245,6 +259,7 @@ def make_implicit_prm(
         max_grad_norm=config.prm_max_grad_norm,
         fused_log_probs=fused_log_probs,
         autocast=autocast,
+        share_prompt_prefix=getattr(config, "share_prompt_prefix", False),
     )
 
 
@@ -311,6 +326,9 @@ class ImplicitPRM:
         max_grad_norm: clip of the PRM gradient norm.
         fused_log_probs: whether ``model`` carries TRL's fused LM head at temperature 1.
         autocast: factory of the mixed-precision context used for every forward.
+        share_prompt_prefix: score each distinct prompt of a micro-batch once, its rows sharing its key/value
+            states (`prime_trl.algo.prefix`), where the model supports it; the reference and the PRM always take
+            the same path, so their log-probs stay exactly equal while the PRM equals the reference.
     """
 
     def __init__(
@@ -326,6 +344,7 @@ class ImplicitPRM:
         max_grad_norm: float = 10.0,
         fused_log_probs: bool = False,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
+        share_prompt_prefix: bool = False,
     ):
         self.model = model
         self.adapter_name = adapter_name
@@ -337,6 +356,7 @@ class ImplicitPRM:
         self.max_grad_norm = max_grad_norm
         self.fused_log_probs = fused_log_probs
         self.autocast = autocast
+        self.share_prompt_prefix = share_prompt_prefix
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
@@ -389,10 +409,16 @@ class ImplicitPRM:
         """Activate ``adapter`` on the host model (``None``: every adapter off, i.e. the reference)."""
         return use_adapter(self.model, adapter)
 
-    def _log_probs(self, batch: CompletionBatch, adapter: str | None) -> torch.Tensor:
+    def _log_probs(self, batch: CompletionBatch, adapter: str | None, share_prefix: bool) -> torch.Tensor:
         """Completion log-probs under ``adapter`` (``None``: adapters disabled = reference), no gradient."""
         with torch.no_grad(), self._adapter(adapter), self.autocast():
-            return completion_log_probs(self.model, batch, self.fused_log_probs)
+            return completion_log_probs(self.model, batch, self.fused_log_probs, share_prefix)
+
+    def _share_prefix(self) -> bool:
+        """Whether this call's passes share prompt prefixes. Decided once per call for the reference and the PRM
+        together (for the gradient pass when there is one), so both take the same path (docs/algorithm.md, easy-to-get-wrong 5)."""
+        needs_grad = self.update_mode != "none"
+        return prefix.sharing_enabled(self.model, self.share_prompt_prefix, needs_grad, "PRM and reference passes")
 
     def _micro_batches(self, rows: torch.Tensor) -> Iterator[torch.Tensor | None]:
         """Row indices of each micro-batch.
@@ -419,12 +445,13 @@ class ImplicitPRM:
     def score(self, batch: CompletionBatch) -> PRMOutput:
         """PRM and reference log-probs without any update (``prm_update="none"`` and evaluation)."""
         prm_parts, ref_parts = [], []
+        share = self._share_prefix()
         for rows in self._micro_batches(torch.arange(len(batch), device=batch.completion_ids.device)):
             micro = batch.select(rows) if rows is not None else self._placeholder(batch)
             # Reference and PRM see identical micro-batches, so at step 0 (PRM == reference) the rewards are
             # exactly zero rather than O(1e-7) noise that normalisation would blow up (docs/algorithm.md, easy-to-get-wrong 5).
-            ref_logps = self._log_probs(micro, None)
-            prm_logps = self._log_probs(micro, self.adapter_name)
+            ref_logps = self._log_probs(micro, None, share)
+            prm_logps = self._log_probs(micro, self.adapter_name, share)
             if rows is not None:
                 ref_parts.append(ref_logps)
                 prm_parts.append(prm_logps)
@@ -456,6 +483,7 @@ class ImplicitPRM:
         # over processes then gives the exact global mean, however unevenly the filter left rows per process.
         global_rows = distributed.all_reduce_sum(torch.tensor([len(m) for m in mini_batches], device=device).float())
         params = self.parameters()
+        share = self._share_prefix()
         prm_parts, ref_parts, losses, grad_norms = [], [], [], []
         for mini_rows, mini_size in zip(mini_batches, global_rows.tolist(), strict=True):
             if mini_size == 0:
@@ -463,11 +491,11 @@ class ImplicitPRM:
             mini_loss = torch.zeros((), device=device)
             for rows in self._micro_batches(mini_rows):
                 micro = batch.select(rows) if rows is not None else self._placeholder(batch)
-                ref_logps = self._log_probs(micro, None)
+                ref_logps = self._log_probs(micro, None, share)
                 # Forward and backward both inside the adapter context: with gradient checkpointing the backward
                 # re-runs the forward, and it must see the PRM adapter active (docs/algorithm.md, easy-to-get-wrong 7).
                 with torch.enable_grad(), self._adapter(self.adapter_name), self.autocast():
-                    prm_logps = completion_log_probs(self.model, micro, self.fused_log_probs)
+                    prm_logps = completion_log_probs(self.model, micro, self.fused_log_probs, share)
                     if rows is None:  # placeholder pass (sharded parameters): join the collectives, add nothing
                         (prm_logps.sum() * 0).backward()
                         continue

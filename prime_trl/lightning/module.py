@@ -55,6 +55,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 import prime_trl.algo.core as core
 import prime_trl.algo.distributed as distributed
+import prime_trl.algo.prefix as prefix
 from prime_trl.algo import step as algo_step
 from prime_trl.algo.prm import (
     POLICY_ADAPTER,
@@ -515,7 +516,10 @@ class PRIMEModule(pl.LightningModule):
 
     def _policy_log_probs(self, batch: CompletionBatch) -> torch.Tensor:
         """``[B, T]`` policy log-probs at the sampling temperature (the fused head divides by it), as TRL's loss."""
-        return completion_log_probs(self.model, batch, fused=True)
+        share = prefix.sharing_enabled(
+            self.model, self.config.share_prompt_prefix, torch.is_grad_enabled(), "policy log-prob passes"
+        )
+        return completion_log_probs(self.model, batch, fused=True, share_prefix=share)
 
     def _tokenize_prompts(self, prompts: list) -> list[list[int]]:
         if is_conversational({"prompt": prompts[0]}):

@@ -9,6 +9,7 @@ PRM update, implicit token rewards and PRIME's per-token advantages, which TRL's
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
+import prime_trl.algo.prefix as prefix
 from prime_trl.algo.prm import (
     POLICY_ADAPTER,
     PRM_DIR_NAME,
@@ -264,6 +266,57 @@ class PRIMETrainer(GRPOTrainer):
         for name, value in step.metrics.items():
             self._metrics[mode][name].append(value)
         return step.advantages
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The policy's log-prob passes (TRL's loss, old and reference log-probs) with shared prompt prefixes
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal_inputs,
+    ):
+        """TRL's per-token log-probs and entropies, with each chunk's distinct prompts run once and their key/value
+        states shared by the chunk's rows (`prime_trl.algo.prefix`) when ``share_prompt_prefix`` allows it; chunks
+        without repeated prompts, multimodal inputs and MoE auxiliary losses take TRL's own pass."""
+        plain = functools.partial(
+            super()._get_per_token_logps_and_entropies,
+            model,
+            compute_entropy=compute_entropy,
+            compute_aux_loss=compute_aux_loss,
+            **multimodal_inputs,
+        )
+        if any(value is not None for value in multimodal_inputs.values()) or compute_aux_loss:
+            if self.args.share_prompt_prefix:
+                prefix.log_fallback_once("policy log-prob passes with multimodal inputs or an MoE auxiliary loss")
+            return plain(input_ids, attention_mask, logits_to_keep, batch_size=batch_size)
+        needs_grad = torch.is_grad_enabled()
+        if not prefix.sharing_enabled(model, self.args.share_prompt_prefix, needs_grad, "policy log-prob passes"):
+            return plain(input_ids, attention_mask, logits_to_keep, batch_size=batch_size)
+        batch_size = batch_size or input_ids.size(0)
+        all_logps, all_entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            prompt_ids, prompt_mask = input_ids[rows, :-logits_to_keep], attention_mask[rows, :-logits_to_keep]
+            completion_ids, completion_mask = input_ids[rows, -logits_to_keep:], attention_mask[rows, -logits_to_keep:]
+            groups = prefix.find_prefix_groups(prompt_ids, prompt_mask)
+            if prefix.worth_sharing(groups, prompt_mask, logits_to_keep):
+                with self.accelerator.autocast():
+                    logps, entropies = prefix.shared_completion_log_probs(
+                        model, prompt_ids, prompt_mask, completion_ids, completion_mask, groups, True, compute_entropy
+                    )
+            else:
+                logps, entropies, _ = plain(input_ids[rows], attention_mask[rows], logits_to_keep)
+            all_logps.append(logps)
+            all_entropies.append(entropies)
+        entropies = torch.cat(all_entropies) if compute_entropy else None
+        return torch.cat(all_logps), entropies, None
 
     # ------------------------------------------------------------------------------------------------------------
     # Checkpoints: policy adapter at the root (TRL), PRM adapter in prm/, PRM optimizer + scheduler beside it
