@@ -43,6 +43,9 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+# Tokenised as training tokenises (shared with the Lightning module); imported from here by `score` too.
+from prime_trl.algo.rollout import prompt_token_ids, render_prompt
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -361,29 +364,6 @@ class Generator(Protocol):
     def generate(
         self, prompt_ids: Sequence[list[int]], num_samples: int, greedy: bool, seeds: Sequence[int]
     ) -> list[list[Generation]]: ...
-
-
-def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
-    """The text the model sees: the chat template (with the assistant turn opened) for message lists, the string
-    itself for plain prompts (TRL's "standard" format, as the demo task uses). `prompt_token_ids` gives the ids."""
-    if isinstance(prompt, str):
-        return prompt
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-    logger.warning("The tokenizer has no chat template; joining the messages' contents as plain text.")
-    return "\n\n".join(message["content"] for message in prompt)
-
-
-def prompt_token_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
-    """The prompt's token ids exactly as TRL's GRPOTrainer tokenises it in training (eval and score use this too).
-
-    Chat messages: the chat template, whose text already holds any BOS, tokenised without special tokens. A plain
-    string: tokenised *with* the tokenizer's special tokens (TRL calls ``processing_class(text=prompts)``), so a
-    BOS-adding tokenizer (Llama, Mistral, Gemma) puts its BOS first, as in training.
-    """
-    if isinstance(prompt, str):
-        return tokenizer(prompt)["input_ids"]
-    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
 
 
 def sample_seed(seed: int, prompt: str | list[dict], sample: int) -> int:

@@ -70,6 +70,7 @@ from prime_trl.algo.prm import (
     make_implicit_prm,
     save_adapter,
 )
+from prime_trl.algo.rollout import cut_at_first_eos, left_padded_prompts, pad_and_eos_token_ids, prompt_token_ids
 from prime_trl.algo.settings import PRIMESettings
 from prime_trl.algo.step import PRIMEStep, labels_and_outcome
 
@@ -291,15 +292,7 @@ class PRIMEModule(pl.LightningModule):
     def _build_tokenizer(self, tokenizer):
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(self.model.get_base_model().config._name_or_path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        # As TRL: the model agrees with the tokenizer on padding, and every EOS id the model declares ends a completion.
-        base = self.model.get_base_model()
-        base.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-        base.generation_config.pad_token_id = tokenizer.pad_token_id
-        declared = base.generation_config.eos_token_id
-        declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
-        self.eos_token_ids = declared if tokenizer.eos_token_id in declared else [tokenizer.eos_token_id, *declared]
+        self.eos_token_ids = pad_and_eos_token_ids(tokenizer, self.model.get_base_model())
         return tokenizer
 
     def _build_prm(self, prm: LoraConfig | str | Path | None) -> ImplicitPRM:
@@ -381,32 +374,24 @@ class PRIMEModule(pl.LightningModule):
     def generate(self, rows: list[dict[str, Any]]) -> Rollout:
         """Sample ``K`` completions per prompt with the policy adapter (docs/algorithm.md, step 1).
 
-        Prompts are tokenized as TRL does (chat template with the generation prompt for conversational prompts),
-        left-padded; completions are cut after the first EOS and right-padded, ``completion_mask`` is 1 up to and
+        Prompts are tokenized as TRL does and left-padded, completions cut after the first EOS and right-padded
+        (`prime_trl.algo.rollout`, shared with ``prime-trl eval`` and ``score``); ``completion_mask`` is 1 up to and
         including the first EOS (all ones for a truncated completion).
         """
         num_generations = self.config.num_generations
         prompts = [row["prompt"] for row in rows for _ in range(num_generations)]
-        prompt_ids = [torch.tensor(ids) for ids in self._tokenize_prompts(prompts)]
+        kwargs = self.config.chat_template_kwargs
+        row_ids = [prompt_token_ids(self.tokenizer, row["prompt"], kwargs) for row in rows]
         pad_id = self.tokenizer.pad_token_id
-        lengths = torch.tensor([len(ids) for ids in prompt_ids])
-        prompt_width = int(lengths.max())
-        prompt_mask = (torch.arange(prompt_width) >= prompt_width - lengths[:, None]).long()  # left padding
-        input_ids = torch.full(prompt_mask.shape, pad_id)
-        input_ids[prompt_mask.bool()] = torch.cat(prompt_ids)  # row-major: each row's tokens fill its real positions
+        input_ids, prompt_mask = left_padded_prompts([ids for ids in row_ids for _ in range(num_generations)], pad_id)
         input_ids, prompt_mask = input_ids.to(self.device), prompt_mask.to(self.device)
+        prompt_width = input_ids.shape[1]
 
         with self._generation_mode():
             sequences = self.model.generate(
                 input_ids=input_ids, attention_mask=prompt_mask, generation_config=self.generation_config
             )
-        completion_ids = sequences[:, prompt_width:]
-        is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids, device=self.device))
-        eos_index = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion_ids.shape[1])
-        completion_mask = (torch.arange(completion_ids.shape[1], device=self.device) <= eos_index[:, None]).long()
-        width = int(completion_mask.sum(1).max())
-        completion_ids = completion_ids[:, :width].masked_fill(completion_mask[:, :width] == 0, pad_id)
-        completion_mask = completion_mask[:, :width]
+        completion_ids, completion_mask = cut_at_first_eos(sequences[:, prompt_width:], self.eos_token_ids, pad_id)
 
         id_lists = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids.cpu(), completion_mask.cpu())]
         texts = self.tokenizer.batch_decode(id_lists, skip_special_tokens=True)
@@ -520,17 +505,6 @@ class PRIMEModule(pl.LightningModule):
             self.model, self.config.share_prompt_prefix, torch.is_grad_enabled(), "policy log-prob passes"
         )
         return completion_log_probs(self.model, batch, fused=True, share_prefix=share)
-
-    def _tokenize_prompts(self, prompts: list) -> list[list[int]]:
-        if is_conversational({"prompt": prompts[0]}):
-            return self.tokenizer.apply_chat_template(
-                prompts,
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                **(self.config.chat_template_kwargs or {}),
-            )["input_ids"]
-        return self.tokenizer(text=prompts)["input_ids"]
 
     def _reward_metrics(self, rewards: torch.Tensor, rollout: Rollout) -> dict[str, float]:
         """Outcome rewards over the global batch, and completion lengths on this process."""
