@@ -303,6 +303,9 @@ def test_eval_end_to_end_on_benchmark_slices(
     assert ("maj@2" in summary["metrics"]) == expect_maj
     printed = capsys.readouterr().out
     assert "| pass@1 (greedy) |" in printed
+    # The effective decoding settings are printed and saved, every one explicit.
+    assert "decoding (greedy): temperature=1.0, top_p=1.0, top_k=0" in printed and "repetition_penalty=1.0" in printed
+    assert summary["decoding"]["sampled"]["temperature"] == 1.0 and summary["decoding"]["sampled"]["num_beams"] == 1
 
 
 def test_demo_subcommand_calls_the_runner(monkeypatch):
