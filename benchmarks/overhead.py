@@ -111,7 +111,7 @@ def worker(variant: str, size: str, steps: int, warmup: int, model_dir: str) -> 
 
             return nullcontext()
 
-        def _log_probs(self, batch, adapter):
+        def _log_probs(self, batch, adapter, share=False):
             model = self.ref_model if adapter is None else self.model
             with torch.no_grad(), self.autocast():
                 return completion_log_probs(model, batch, fused=False)
@@ -176,10 +176,10 @@ def worker(variant: str, size: str, steps: int, warmup: int, model_dir: str) -> 
         prm = trainer.prm
         original_log_probs, original_update = prm._log_probs, prm.score_and_update
 
-        def timed_log_probs(batch, adapter):
+        def timed_log_probs(batch, adapter, share):
             start = time.perf_counter()
             try:
-                return original_log_probs(batch, adapter)
+                return original_log_probs(batch, adapter, share)
             finally:
                 if adapter is None:
                     timings["reference_forward"] += time.perf_counter() - start

