@@ -375,6 +375,8 @@ def test_bad_inputs_fail_early(tiny_model_dir):
         PRIMEModule(tiny_model_dir, coin_reward, make_config())
     with pytest.raises(TypeError, match="Python reward functions"):
         PRIMEModule(tiny_model_dir, "some/reward-model", make_config(), peft_config=LoraConfig(**LORA))
+    with pytest.raises(ValueError, match="PRIMEModule needs at least one reward function"):
+        PRIMEModule(tiny_model_dir, [], make_config(), peft_config=LoraConfig(**LORA))
     with pytest.raises(ValueError, match="verifier='math'"):
         PRIMEModule(tiny_model_dir, coin_reward, make_config(verifier="math"), peft_config=LoraConfig(**LORA))
 

@@ -129,6 +129,11 @@ def test_full_finetune_policy_puts_prm_on_one_frozen_copy(tiny_model_dir, tmp_pa
     assert all(torch.equal(host_before[n], host_after[n]) for n in host_before if ".prm." not in n)
 
 
+def test_no_reward_function_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="PRIMETrainer needs at least one reward function"):
+        PRIMETrainer(tiny_model_dir, args=make_args(tmp_path), reward_funcs=[], train_dataset=make_dataset())
+
+
 def test_full_finetune_prm_gets_the_same_adapter_checks(tiny_model_dir, tmp_path):
     """The frozen copy's PRM adapter is added by prm.add_prm_adapter, so a wrong prm path or a PRM LoraConfig PRIME
     cannot honour is refused there too, and the adapter starts frozen like the LoRA path's."""

@@ -75,7 +75,12 @@ from prime_trl.algo.settings import PRIMESettings
 from prime_trl.algo.step import PRIMEStep, labels_and_outcome
 
 # The reward-function guard and the dataset check are PRIMETrainer's, shared rather than copied.
-from prime_trl.rewards.reward_funcs import check_dataset_columns, guard_reward_function, resolve_verifier
+from prime_trl.rewards.reward_funcs import (
+    check_dataset_columns,
+    guard_reward_function,
+    resolve_verifier,
+    reward_func_list,
+)
 from prime_trl.trainer.prime_config import PRIMEConfig
 
 logger = logging.getLogger(__name__)
@@ -246,9 +251,7 @@ class PRIMEModule(pl.LightningModule):
 
     @staticmethod
     def _check_reward_funcs(reward_funcs) -> list[Callable]:
-        funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        if not funcs:
-            raise ValueError("PRIMEModule needs at least one reward function: the verifier that labels completions.")
+        funcs = reward_func_list(reward_funcs, "PRIMEModule")
         for func in funcs:
             if isinstance(func, (str, torch.nn.Module)) or not callable(func):
                 raise TypeError(

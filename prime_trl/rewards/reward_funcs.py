@@ -17,6 +17,7 @@ __all__ = [
     "RewardFunctionError",
     "check_dataset_columns",
     "guard_reward_function",
+    "reward_func_list",
     "resolve_verifier",
 ]
 
@@ -34,6 +35,14 @@ TRL_REWARD_KWARGS = {
 
 class RewardFunctionError(RuntimeError):
     """A reward function raised or returned something other than one score per completion."""
+
+
+def reward_func_list(reward_funcs: Any, owner: str) -> list:
+    """``reward_funcs`` as a non-empty list (one function, or a list / tuple of them); ``owner`` names the caller."""
+    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if not funcs:
+        raise ValueError(f"{owner} needs at least one reward function: the verifier that labels completions.")
+    return funcs
 
 
 def resolve_verifier(reward_func_names: list[str], verifier: str | None) -> int:

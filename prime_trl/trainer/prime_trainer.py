@@ -44,7 +44,12 @@ from prime_trl.algo.prm import (
     save_adapter,
 )
 from prime_trl.algo.step import PRIMESettings, labels_and_outcome, prime_step
-from prime_trl.rewards.reward_funcs import check_dataset_columns, guard_reward_function, resolve_verifier
+from prime_trl.rewards.reward_funcs import (
+    check_dataset_columns,
+    guard_reward_function,
+    resolve_verifier,
+    reward_func_list,
+)
 from prime_trl.trainer.prime_config import PRIMEConfig
 from prime_trl.trainer.quantization import is_quantized, protect_4bit_base
 from prime_trl.trainer.vllm_sync import LoRAAdapterSync, engine_with_lora, guard_merge_sync, resolve_sync_mode
@@ -128,9 +133,7 @@ class PRIMETrainer(GRPOTrainer):
                 f"args must be a PRIMEConfig, got {type(args).__name__}. Build it with PRIMEConfig(...) (it accepts "
                 "every GRPOConfig field)."
             )
-        reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-        if not reward_funcs:
-            raise ValueError("PRIMETrainer needs at least one reward function: the verifier that labels completions.")
+        reward_funcs = reward_func_list(reward_funcs, "PRIMETrainer")
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             check_dataset_columns(dataset, name, reward_funcs)
         if peft_config is not None:
