@@ -164,9 +164,11 @@ class PRIMESettings:
             parent()
 
     @classmethod
-    def from_config(cls, config: Any) -> PRIMESettings:
-        """Pick the same-named fields from a `PRIMEConfig` (or any object that has them)."""
-        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+    def from_config(cls, config: Any, **overrides: Any) -> PRIMESettings:
+        """The same-named fields of ``config`` (a `PRIMEConfig`, e.g. parsed from a prime-trl YAML, or any object
+        with some of them; the others keep their defaults), then ``overrides``."""
+        values = {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
+        return cls(**{**values, **overrides})
 
     @property
     def uses_prm(self) -> bool:

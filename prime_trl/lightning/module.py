@@ -150,8 +150,7 @@ class PRIMEModuleConfig(PRIMESettings):
     @classmethod
     def from_prime_config(cls, config: PRIMEConfig, **overrides) -> PRIMEModuleConfig:
         """The same-named fields of a `PRIMEConfig` (e.g. one parsed from a prime-trl YAML), then ``overrides``."""
-        values = {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
-        return cls(**{**values, **overrides})
+        return cls.from_config(config, **overrides)
 
 
 # --------------------------------------------------------------------------------------------------------------
