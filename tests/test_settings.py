@@ -73,3 +73,9 @@ def test_prime_field_rejects_an_unexplained_default():
     with pytest.raises(ValueError, match="prm_learning_rate"):
         prime_field("prm_learning_rate", 1.0)
     assert prime_field("prm_learning_rate", 1e-5).default == 1e-5  # the declared default needs no reason
+
+
+def test_help_texts_survive_argparse():
+    """argparse %-formats help texts (``prime-trl train --help``): a bare '%' breaks the whole help."""
+    for name, setting in SETTINGS.items():
+        assert "%" not in setting.metadata["help"].replace("%%", ""), name
