@@ -443,16 +443,19 @@ class _SeededGumbelSampler:
     ``argmax(log p + g)`` with ``g`` i.i.d. standard Gumbel noise is an exact draw from ``p`` (the Gumbel-max
     trick). Each row draws its noise from its own `torch.Generator`, seeded by `sample_seed`, so what a row
     samples does not depend on which other rows share its batch (``torch.multinomial`` in ``generate`` would
-    use one global stream for the whole batch).
+    use one global stream for the whole batch). The streams live on the model's device (no host copy per step),
+    so the same seed gives the same samples on the same kind of device.
     """
 
-    def __init__(self, seeds: Sequence[int], device: torch.device):
-        self.generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-        self.device = device
+    def __init__(self, seeds: Sequence[int], device: torch.device | str):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         vocab = scores.shape[-1]
-        uniform = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in self.generators])
+        uniform = torch.stack(
+            [torch.rand(vocab, generator=g, dtype=torch.float64, device=self.device) for g in self.generators]
+        )
         gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-300)))
         # -inf logits (removed by top-p) stay -inf: they can never be drawn.
         return scores.float() + gumbel.to(device=scores.device, dtype=torch.float32)
