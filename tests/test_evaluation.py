@@ -259,11 +259,11 @@ def test_seeded_sampling_draws_from_the_tempered_top_p_distribution():
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
     generator = HFGenerator.__new__(HFGenerator)
-    generator.temperature, generator.top_p = 0.7, 0.9
+    generator.temperature, generator.top_p = 1.5, 0.95
     draws = 6000
     processors = generator._logits_processors(list(range(draws)), "cpu")
     chosen = processors(None, logits.repeat(draws, 1)).argmax(-1)
     frequencies = torch.bincount(chosen, minlength=5).float() / draws
-    expected = torch.softmax(TopPLogitsWarper(0.9)(None, TemperatureLogitsWarper(0.7)(None, logits.clone())), -1)[0]
+    expected = torch.softmax(TopPLogitsWarper(0.95)(None, TemperatureLogitsWarper(1.5)(None, logits.clone())), -1)[0]
     assert expected[-1] == 0 and frequencies[-1] == 0  # outside the nucleus: never drawn
     assert torch.allclose(frequencies, expected, atol=0.02)
