@@ -415,6 +415,11 @@ def load_policy(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():  # before the slow load
+        raise FileNotFoundError(
+            f"--adapter {adapter}: no adapter_config.json there. Pass the output_dir of `prime-trl train` (the "
+            "policy adapter is saved at its root) or a checkpoint-N directory."
+        )
     policy = AutoModelForCausalLM.from_pretrained(
         model, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code
     )
@@ -422,11 +427,6 @@ def load_policy(
     if adapter is not None:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(
-                f"--adapter {adapter}: no adapter_config.json there. Pass the output_dir of `prime-trl train` (the "
-                "policy adapter is saved at its root) or a checkpoint-N directory."
-            )
         policy = PeftModel.from_pretrained(policy, adapter)
         if (Path(adapter) / "tokenizer_config.json").is_file():
             tokenizer_source = adapter
