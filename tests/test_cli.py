@@ -304,7 +304,8 @@ def test_eval_end_to_end_on_benchmark_slices(
     printed = capsys.readouterr().out
     assert "| pass@1 (greedy) |" in printed
     # The effective decoding settings are printed and saved, every one explicit.
-    assert "decoding (greedy): temperature=1.0, top_p=1.0, top_k=0" in printed and "repetition_penalty=1.0" in printed
+    assert "decoding (greedy): argmax, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1" in printed
+    assert "decoding (sampled): temperature=1.0, top_p=1.0, top_k=0, min_p=0.0" in printed
     assert summary["decoding"]["sampled"]["temperature"] == 1.0 and summary["decoding"]["sampled"]["num_beams"] == 1
 
 

@@ -826,8 +826,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         label = name + (sampled if name.startswith(("pass@", "maj@")) and "greedy" not in name else "")
         lines.append(f"| {label} | {value:.1f} |" if name == "mean completion tokens" else f"| {label} | {value:.3f} |")
     lines.append("")
+    sampling_only = ("temperature", "top_p", "top_k", "min_p", "typical_p")  # no effect on an argmax
     for mode, settings in summary.get("decoding", {}).items():
-        shown = ", ".join(f"{name}={value}" for name, value in settings.items() if name != "do_sample")
-        lines.append(f"decoding ({mode}): {shown}")
+        shown = [] if settings["do_sample"] else ["argmax"]
+        shown += [
+            f"{name}={value}"
+            for name, value in settings.items()
+            if name != "do_sample" and (settings["do_sample"] or name not in sampling_only)
+        ]
+        lines.append(f"decoding ({mode}): {', '.join(shown)}")
     lines.append(f"predictions: {summary['predictions']}")
     return "\n".join(lines)
