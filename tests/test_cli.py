@@ -304,7 +304,8 @@ def test_eval_end_to_end_on_benchmark_slices(
     printed = capsys.readouterr().out
     assert "| pass@1 (greedy) |" in printed
     # The effective decoding settings are printed and saved, every one explicit.
-    assert "decoding (greedy): temperature=1.0, top_p=1.0, top_k=0" in printed and "repetition_penalty=1.0" in printed
+    assert "decoding (greedy): argmax, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1" in printed
+    assert "decoding (sampled): temperature=1.0, top_p=1.0, top_k=0, min_p=0.0" in printed
     assert summary["decoding"]["sampled"]["temperature"] == 1.0 and summary["decoding"]["sampled"]["num_beams"] == 1
 
 
@@ -438,3 +439,16 @@ def test_eval_reads_prompt_answer_rows_and_keeps_answer_zero(tmp_path):
     assert summary["metrics"]["pass@1 (greedy)"] == 0.5  # right on 3-3=0, wrong on 2+3
     assert "decoding (greedy)" not in summary  # the settings live under "decoding"
     assert summary["decoding"]["greedy"]["repetition_penalty"] == 1.0
+
+
+def test_eval_and_score_name_a_model_or_adapter_that_cannot_be_loaded(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "r.jsonl"
+    data.write_text(json.dumps({"prompt": "Q", "responses": ["a", "b"]}) + "\n")
+    code, err = run_main(["score", "--prm", str(tmp_path / "nothing"), "--data", str(data)], capsys)
+    assert code == 2 and "cannot load the PRM" in err and "No PRM adapter at" in err
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "Q", "answer": 1}) + "\n")
+    code, err = run_main(
+        ["eval", "--model", tiny_model_dir, "--adapter", str(tmp_path), "--data", str(rows), "--backend", "hf"], capsys
+    )
+    assert code == 2 and "no adapter_config.json" in err and len(err.strip().splitlines()) == 1

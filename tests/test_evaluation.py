@@ -5,6 +5,7 @@ import json
 from math import comb
 
 import pytest
+import torch
 from helpers import bos_tokenizer, trl_prompt_ids
 
 from prime_trl.apps.evaluation import EvalArguments, Generation, evaluate, majority_vote, pass_at_k
@@ -247,3 +248,22 @@ def test_prompts_are_tokenised_as_in_training_with_one_bos(tiny_model_dir):
     assert [i["prompt_token_ids"] for i in inputs] == ids
     assert [p["seed"] for p in params] == [11, 12] and params[0]["repetition_penalty"] == 1.0
     assert params[0]["top_k"] == -1 and params[0]["n"] == 2 and params[0]["max_tokens"] == 7
+
+
+def test_seeded_sampling_draws_from_the_tempered_top_p_distribution():
+    """Greedy decoding over the processed logits + per-row Gumbel noise is a draw from softmax(logits / T) cut
+    to the top-p nucleus: the empirical frequencies of 6000 seeded draws match it."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from prime_trl.apps.evaluation import HFGenerator
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    generator = HFGenerator.__new__(HFGenerator)
+    generator.temperature, generator.top_p = 1.5, 0.95
+    draws = 6000
+    processors = generator._logits_processors(list(range(draws)), "cpu")
+    chosen = processors(None, logits.repeat(draws, 1)).argmax(-1)
+    frequencies = torch.bincount(chosen, minlength=5).float() / draws
+    expected = torch.softmax(TopPLogitsWarper(0.95)(None, TemperatureLogitsWarper(1.5)(None, logits.clone())), -1)[0]
+    assert expected[-1] == 0 and frequencies[-1] == 0  # outside the nucleus: never drawn
+    assert torch.allclose(frequencies, expected, atol=0.02)

@@ -405,3 +405,31 @@ def test_prm_trained_on_a_4bit_base_is_scored_on_the_same_4bit_base(tmp_path):
     for (_, want), (_, have), (_, full) in zip(expected, got, plain):
         assert torch.allclose(have, want, atol=1e-5)
         assert not torch.allclose(full, want, atol=1e-4)
+
+
+def test_best_of_n_rankings_do_not_depend_on_beta(trained_prm, tiny_model_dir):
+    """--beta scales every token reward, so every aggregate ranks the candidates the same at any beta."""
+    from prime_trl.apps.scoring import AGGREGATIONS, load_prm
+
+    prm_dir, _ = trained_prm
+    model, tokenizer = load_prm(prm_dir, tiny_model_dir, dtype="float32", device="cpu")
+    rng = random.Random(2)
+    row = synthetic_problem(rng, 0)
+    problem = Problem(
+        row["id"], row["prompt"], [Candidate(r, label) for r, label in zip(row["responses"], row["labels"])]
+    )
+
+    def choices(beta):
+        scored = score_responses(
+            model,
+            tokenizer,
+            [row["prompt"]] * 4,
+            row["responses"],
+            beta=beta,
+            step_split=r"\. ",
+            progress=False,
+            fused=True,
+        )
+        return {how: rerank([problem], [scored], how)["choices"][0]["chosen"] for how in AGGREGATIONS}
+
+    assert choices(BETA) == choices(0.05) == choices(5.0)

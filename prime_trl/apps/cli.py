@@ -517,17 +517,27 @@ def run_train(argv: list[str]) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def run_eval(argv: list[str]) -> int:
-    from prime_trl.apps.evaluation import evaluate, format_summary, load_eval_dataset
+    from prime_trl.apps.evaluation import evaluate, format_summary, load_eval_dataset, make_generator
 
     (args,), _, _ = _parse(make_eval_parser(), argv, "eval")
     try:  # the data first: a bad file fails before the model loads
         dataset = load_eval_dataset(args)
     except (ValueError, FileNotFoundError) as error:
-        raise CLIError(f"--data {args.data}: {error}") from error
+        message = _first_line(error)
+        raise CLIError(message if args.data in message else f"--data {args.data}: {message}") from error
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data} gave no problems.")
-    summary = evaluate(args, dataset=dataset)
+    try:
+        generator = make_generator(args)
+    except (OSError, ValueError, ImportError) as error:
+        loading = f"--model {args.model}" + (f" with --adapter {args.adapter}" if args.adapter else "")
+        raise CLIError(f"cannot load {loading}: {_first_line(error)}") from error
+    summary = evaluate(args, generator=generator, dataset=dataset)
     print(format_summary(summary))
     return 0
 
@@ -553,9 +563,12 @@ def run_score(argv: list[str]) -> int:
         problems = load_problems(args.data, limit=args.limit)
     except ResponseFileError as error:
         raise CLIError(str(error)) from error
-    model, tokenizer = load_prm(
-        args.prm, args.model, args.adapter_name, args.dtype, args.device, quantization_config_for(args)
-    )
+    try:
+        model, tokenizer = load_prm(
+            args.prm, args.model, args.adapter_name, args.dtype, args.device, quantization_config_for(args)
+        )
+    except (OSError, ValueError, ImportError) as error:
+        raise CLIError(f"cannot load the PRM --prm {args.prm}: {_first_line(error)}") from error
     prompts = [p.prompt for p in problems for _ in p.candidates]
     responses = [c.response for p in problems for c in p.candidates]
     # A row's own 'finished' decides whether its response ended with EOS; --append_eos is for rows without one.

@@ -44,7 +44,13 @@ import torch
 from tqdm.auto import tqdm
 
 # Tokenised as training tokenises (shared with the Lightning module); imported from here by `score` too.
-from prime_trl.algo.rollout import prompt_token_ids, render_prompt
+from prime_trl.algo.rollout import (
+    cut_at_first_eos,
+    left_padded_prompts,
+    pad_and_eos_token_ids,
+    prompt_token_ids,
+    render_prompt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -415,6 +421,11 @@ def load_policy(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():  # before the slow load
+        raise FileNotFoundError(
+            f"--adapter {adapter}: no adapter_config.json there. Pass the output_dir of `prime-trl train` (the "
+            "policy adapter is saved at its root) or a checkpoint-N directory."
+        )
     policy = AutoModelForCausalLM.from_pretrained(
         model, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code
     )
@@ -422,11 +433,6 @@ def load_policy(
     if adapter is not None:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(
-                f"--adapter {adapter}: no adapter_config.json there. Pass the output_dir of `prime-trl train` (the "
-                "policy adapter is saved at its root) or a checkpoint-N directory."
-            )
         policy = PeftModel.from_pretrained(policy, adapter)
         if (Path(adapter) / "tokenizer_config.json").is_file():
             tokenizer_source = adapter
@@ -443,16 +449,19 @@ class _SeededGumbelSampler:
     ``argmax(log p + g)`` with ``g`` i.i.d. standard Gumbel noise is an exact draw from ``p`` (the Gumbel-max
     trick). Each row draws its noise from its own `torch.Generator`, seeded by `sample_seed`, so what a row
     samples does not depend on which other rows share its batch (``torch.multinomial`` in ``generate`` would
-    use one global stream for the whole batch).
+    use one global stream for the whole batch). The streams live on the model's device (no host copy per step),
+    so the same seed gives the same samples on the same kind of device.
     """
 
-    def __init__(self, seeds: Sequence[int], device: torch.device):
-        self.generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-        self.device = device
+    def __init__(self, seeds: Sequence[int], device: torch.device | str):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         vocab = scores.shape[-1]
-        uniform = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in self.generators])
+        uniform = torch.stack(
+            [torch.rand(vocab, generator=g, dtype=torch.float64, device=self.device) for g in self.generators]
+        )
         gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-300)))
         # -inf logits (removed by top-p) stay -inf: they can never be drawn.
         return scores.float() + gumbel.to(device=scores.device, dtype=torch.float32)
@@ -487,9 +496,7 @@ class HFGenerator:
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.batch_size, self.progress = batch_size, progress
-        eos = model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.eos_ids = eos | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        self.eos_ids = pad_and_eos_token_ids(tokenizer, model)  # pad and EOS as GRPOTrainer sets them up
 
     @classmethod
     def from_args(cls, args: EvalArguments) -> HFGenerator:
@@ -516,7 +523,7 @@ class HFGenerator:
         return GenerationConfig(
             **settings,
             num_return_sequences=1,  # generate() repeats each prompt num_samples times itself
-            eos_token_id=sorted(self.eos_ids) or None,
+            eos_token_id=self.eos_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             bos_token_id=self.tokenizer.bos_token_id,
             use_cache=True,
@@ -550,7 +557,9 @@ class HFGenerator:
             for start in range(0, len(prompt_ids), per_call):
                 chunk = [list(ids) for ids in prompt_ids[start : start + per_call]]
                 rows = [ids for ids in chunk for _ in range(num_samples)]
-                input_ids, attention_mask = _left_pad(rows, self.tokenizer.pad_token_id, device)
+                input_ids, attention_mask = (
+                    t.to(device) for t in left_padded_prompts(rows, self.tokenizer.pad_token_id)
+                )
                 extra = {}
                 if not greedy:
                     row_seeds = [seed + j for seed in seeds[start : start + per_call] for j in range(num_samples)]
@@ -558,27 +567,19 @@ class HFGenerator:
                 output = self.model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **extra
                 )
-                new_tokens = output[:, input_ids.shape[1] :].tolist()
-                generations = [self._generation(ids) for ids in new_tokens]
+                generations = self._generations(output[:, input_ids.shape[1] :])
                 results.extend(generations[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk)))
         return results
 
-    def _generation(self, ids: list[int]) -> Generation:
-        end = next((i for i, token in enumerate(ids) if token in self.eos_ids), None)
-        kept = ids if end is None else ids[: end + 1]  # up to and including EOS; the rest is padding
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Generation(text=text, finished=end is not None, num_tokens=len(kept))
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, ids in enumerate(rows):
-        if ids:
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[i, width - len(ids) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
+    def _generations(self, new_tokens: torch.Tensor) -> list[Generation]:
+        """Completions cut after their first EOS, as training cuts them; ``finished`` when that EOS is there."""
+        ids, mask = cut_at_first_eos(new_tokens, self.eos_ids, self.tokenizer.pad_token_id)
+        generations = []
+        for row, length in zip(ids.tolist(), mask.sum(1).tolist()):
+            kept = row[:length]
+            text = self.tokenizer.decode(kept, skip_special_tokens=True)
+            generations.append(Generation(text, finished=bool(kept) and kept[-1] in self.eos_ids, num_tokens=length))
+        return generations
 
 
 def vllm_requests(
@@ -823,8 +824,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         label = name + (sampled if name.startswith(("pass@", "maj@")) and "greedy" not in name else "")
         lines.append(f"| {label} | {value:.1f} |" if name == "mean completion tokens" else f"| {label} | {value:.3f} |")
     lines.append("")
+    sampling_only = ("temperature", "top_p", "top_k", "min_p", "typical_p")  # no effect on an argmax
     for mode, settings in summary.get("decoding", {}).items():
-        shown = ", ".join(f"{name}={value}" for name, value in settings.items() if name != "do_sample")
-        lines.append(f"decoding ({mode}): {shown}")
+        shown = [] if settings["do_sample"] else ["argmax"]
+        shown += [
+            f"{name}={value}"
+            for name, value in settings.items()
+            if name != "do_sample" and (settings["do_sample"] or name not in sampling_only)
+        ]
+        lines.append(f"decoding ({mode}): {', '.join(shown)}")
     lines.append(f"predictions: {summary['predictions']}")
     return "\n".join(lines)

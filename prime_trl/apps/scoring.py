@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from prime_trl.algo.core import implicit_token_rewards
 from prime_trl.algo.prm import CompletionBatch, completion_log_probs
+from prime_trl.algo.rollout import left_padded_prompts, prompt_token_ids, render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -343,11 +344,9 @@ def encode_responses(
     """Prompts left-padded, responses right-padded (+ EOS), as TRL's generation batches are laid out.
 
     ``prompts`` are as in a TRL dataset's ``prompt`` column (chat messages or a plain string) and are tokenised
-    exactly as training tokenises them (`prime_trl.apps.evaluation.prompt_token_ids`); ``append_eos`` is one
+    exactly as training tokenises them (`prime_trl.algo.rollout.prompt_token_ids`); ``append_eos`` is one
     flag for every response or one per response (an EOS ends a finished response; a cut-off one has none).
     """
-    from prime_trl.apps.evaluation import prompt_token_ids
-
     pad = tokenizer.pad_token_id
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
@@ -358,18 +357,15 @@ def encode_responses(
     if not all(prompt_ids):
         # The first response token is scored from the position before it; without a prompt there is none.
         raise ValueError("every response needs a non-empty prompt to be scored")
-    prompt_width = max(len(ids) for ids in prompt_ids)
+    prompt_tensor, prompt_mask = left_padded_prompts(prompt_ids, pad)
     response_width = max(1, max(len(ids) for ids in response_ids))
     batch = CompletionBatch(
-        prompt_ids=torch.full((len(prompts), prompt_width), pad, dtype=torch.long),
-        prompt_mask=torch.zeros(len(prompts), prompt_width, dtype=torch.long),
+        prompt_ids=prompt_tensor,
+        prompt_mask=prompt_mask,
         completion_ids=torch.full((len(prompts), response_width), pad, dtype=torch.long),
         completion_mask=torch.zeros(len(prompts), response_width, dtype=torch.long),
     )
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        if p:
-            batch.prompt_ids[i, -len(p) :] = torch.tensor(p)
-            batch.prompt_mask[i, -len(p) :] = 1
+    for i, r in enumerate(response_ids):
         if r:
             batch.completion_ids[i, : len(r)] = torch.tensor(r)
             batch.completion_mask[i, : len(r)] = 1
@@ -462,8 +458,6 @@ def score_responses(
             flag per response.
         fused: see `implicit_rewards`.
     """
-    from prime_trl.apps.evaluation import render_prompt
-
     append_eos = _per_row(append_eos, len(prompts))
     token_rewards = implicit_rewards(
         model,
