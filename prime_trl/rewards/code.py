@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from prime_trl.rewards import _wire
 from prime_trl.rewards._common import check_column, completion_text
 from prime_trl.rewards.sandbox import Sandbox, SandboxLimits
 
@@ -175,20 +176,33 @@ def _values_match(actual: Any, expected: Any) -> bool:
 
 
 def _call_output_matches(stdout: str, expected: Any) -> bool:
+    """Whether a function-call case's printed JSON (untrusted: size-capped by the sandbox, parsed here with
+    bounded depth) equals the expected return value."""
     try:
-        value = json.loads(stdout)
-    except ValueError:
+        value = _wire.loads(stdout)
+        _wire.decode(value, _no_handles, _no_handles)  # only for its depth bound; JSON data is returned as is
+    except _wire.WireError:
         return False
     # APPS/TACO store a call's expected return value wrapped in a one-element list.
     wrapped = isinstance(expected, list) and len(expected) == 1
     return _values_match(value, expected) or (wrapped and _values_match(value, expected[0]))
 
 
-def score_code(code: str, tests: Any, sandbox: Sandbox) -> float:
-    """Score one program: 1.0/0.0 for a test program, the fraction of passed cases for stdin/stdout tests."""
+def _no_handles(_: Any) -> Any:
+    raise _wire.WireError("not plain JSON")
+
+
+def score_code(
+    code: str, tests: Any, sandbox: Sandbox, code_prefix: str | None = None, entry_point: str | None = None
+) -> float:
+    """Score one program: 1.0/0.0 for a test program, the fraction of passed cases for stdin/stdout tests.
+
+    For a test program, `code_prefix` (the prompt's own code: imports, helper functions) is also run on the
+    judge's side before the tests, so the tests use the prompt's helpers even if `code` redefines them, and
+    `entry_point` names the function under test (see `Sandbox.run_program`)."""
     spec = parse_tests(tests)
     if isinstance(spec, str):
-        result = sandbox.run_program(code, spec)
+        result = sandbox.run_program(code, spec, prelude=code_prefix or None, entry_point=entry_point or None)
         logger.debug("code verdict %s %s", result.status, result.detail)
         return 1.0 if result.passed else 0.0
     if not spec.inputs:
@@ -259,10 +273,22 @@ def _code_reward(completions: list, tests: list | None, sandbox: Sandbox, worker
             assemble_program(code, prefixes[i] if prefixes else None, entry_points[i] if entry_points else None)
         )
 
-    def score(i: int) -> float:
-        if tests[i] is None:
+    for i, row_tests in enumerate(tests):
+        if row_tests is None:
             raise ValueError(f"code_reward: row {i} has no tests (its 'tests' value is None)")
-        return score_code(programs[i], tests[i], sandbox)
+
+    def score(i: int) -> float:
+        try:
+            return score_code(
+                programs[i],
+                tests[i],
+                sandbox,
+                prefixes[i] if prefixes else None,
+                entry_points[i] if entry_points else None,
+            )
+        except Exception as exc:  # noqa: BLE001 - one row never fails the batch: it scores 0, with the reason
+            logger.warning("code_reward: row %d scored 0: %s: %s", i, type(exc).__name__, str(exc)[:300])
+            return 0.0
 
     if workers == 1 or n <= 1:
         return [score(i) for i in range(n)]
