@@ -81,6 +81,12 @@ def _serve():
         handles.append(value)
         return {"$h": len(handles) - 1}
 
+    def encode_or_handle(value):
+        try:
+            return encode(value, handle_of)
+        except ValueError:  # too deeply nested to copy: the judge may still call or iterate it
+            return handle_of(value)
+
     def make_handle(number):
         if not 0 <= number < len(handles):
             raise WireError("unknown handle")
@@ -99,7 +105,7 @@ def _serve():
             op = request["op"]
             if op == "get":
                 names = [name for name in request["names"] if name in namespace]
-                send({"value": {"$d": [[name, encode(namespace[name], handle_of)] for name in names]}})
+                send({"value": {"$d": [[name, encode_or_handle(namespace[name])] for name in names]}})
                 continue
             target = make_handle(request["h"])
             if op == "call":
