@@ -7,6 +7,8 @@ fast path) and (b) a perturbed answer (wrong; every check goes through math-veri
 Code: HumanEval's 164 canonical solutions (all pass) and `pass` stubs (all fail), one sandboxed program each,
 at several worker counts; plus a stdin/stdout set and the cost of an empty program with and without bubblewrap.
 Writes benchmarks/results/grading_throughput.json and prints a markdown table. Figures are best of --repeats.
+With --baseline FILE (an earlier result of this script), that file's rows are embedded for comparison (the
+report prints both side by side); the machine's load average is recorded, since the CPU may be shared.
 """
 
 from __future__ import annotations
@@ -159,24 +161,43 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "grading_throughput.json")
+    parser.add_argument("--baseline", type=Path, default=None, help="earlier result to compare with")
+    parser.add_argument("--skip-math", action="store_true", help="code verifier only")
     args = parser.parse_args()
     if not bwrap_status()[0]:
         sys.exit(f"bubblewrap is needed for the code benchmark: {bwrap_status()[1]}")
-    rows = bench_math(args.data_dir, args.repeats) + bench_code(args.data_dir, args.repeats)
+    baseline = json.loads(args.baseline.read_text()) if args.baseline else None
+    load_before = os.getloadavg()
+    rows = ([] if args.skip_math else bench_math(args.data_dir, args.repeats)) + bench_code(args.data_dir, args.repeats)
+    load_after = os.getloadavg()
+    memory_cgroup = Sandbox(SandboxLimits(), isolation="bwrap").memory_cgroup
     bwrap_version = subprocess.run([shutil.which("bwrap"), "--version"], capture_output=True, text=True).stdout.strip()
     report = {
         "benchmark": "grading_throughput",
-        "command": "python benchmarks/grading_throughput.py --repeats " + str(args.repeats),
+        "command": "python benchmarks/grading_throughput.py --repeats "
+        + str(args.repeats)
+        + (" --skip-math" if args.skip_math else "")
+        + (f" --baseline {args.baseline.relative_to(REPO)}" if args.baseline else ""),
+        "design": "test programs: tests in a judge process, candidate in the sandbox, plain-data channel (issue 11)",
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
             "bwrap": bwrap_version,
             "user": "root" if os.geteuid() == 0 else "non-root",
+            "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)],
+            "memory_cgroup": memory_cgroup,
         },
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "rows": rows,
     }
+    if baseline is not None:
+        report["baseline"] = {
+            "file": str(args.baseline.relative_to(REPO)),
+            "design": baseline.get("design", "earlier version"),
+            "date": baseline.get("date"),
+            "rows": [r for r in baseline["rows"] if r["verifier"] == "code"],
+        }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(

@@ -531,13 +531,36 @@ def _localisation_lines(report: dict[str, Any]) -> list[str]:
 
 
 def section_grading(name: str, report: dict[str, Any]) -> list[str]:
-    lines = ["### Verifier grading throughput", ""] + _provenance(name, report) + [""]
+    lines = ["### Verifier grading throughput", ""] + _provenance(name, report)
+    if report.get("design"):
+        lines.append(f"- design: {report['design']}")
+    load = report.get("machine", {}).get("load_average_1min")
+    if load:
+        lines.append(f"- load average (1 min) before / after: {load[0]} / {load[1]} (shared CPU)")
+    lines.append("")
     rows = []
     for r in report.get("rows", []):
         per_second = "" if r.get("items_per_second") is None else r["items_per_second"]
         accepted = "" if r.get("accepted") is None else f"{r['accepted']}/{r['items']}"
         rows.append([r["verifier"], r["set"], r["items"], r["workers"], r["seconds"], per_second, accepted])
     lines += _table(["verifier", "set", "items", "workers", "seconds", "items/s", "accepted"], rows)
+    baseline = report.get("baseline")
+    if baseline:
+        before = {(r["set"], r["workers"]): r for r in baseline.get("rows", [])}
+        pairs = [(before.get((r["set"], r["workers"])), r) for r in report.get("rows", []) if r["verifier"] == "code"]
+        lines += [
+            "",
+            f"Code verifier against `{baseline['file']}` ({baseline.get('design')}, {baseline.get('date')}):",
+            "",
+        ]
+        lines += _table(
+            ["set", "workers", "seconds before", "seconds now", "now / before"],
+            [
+                [r["set"], r["workers"], b["seconds"], r["seconds"], _num(r["seconds"] / b["seconds"], 2)]
+                for b, r in pairs
+                if b and b.get("seconds")
+            ],
+        )
     return lines + [""]
 
 

@@ -15,7 +15,8 @@ the entry point. Set-up of the tests' namespace, in this order:
    sends the arguments to the candidate and brings back the return value as plain data;
 2. the prelude runs here, so the prompt's own helper functions (and imports) replace any the candidate
    defined: a completion that redefines a helper cannot change what the tests compute;
-3. the entry point is bound to the candidate's again (the prelude only has its stub).
+3. the entry point, and any function the prelude only has as a stub (docstring / ``pass`` body), is bound to
+   the candidate's again.
 
 Then the test program runs; the verdict is "passed" only if it returns normally and the channel never broke.
 """
@@ -170,6 +171,23 @@ def _referenced_names(code):
     return names
 
 
+def _stubs(source):
+    """Names of the functions in the prompt code whose body is only a docstring, ``pass`` or ``...``: the stubs
+    the completion is asked to fill in. They are taken from the candidate even without an entry point."""
+    import ast
+
+    def empty(statement):
+        return isinstance(statement, ast.Pass) or (
+            isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
+        )
+
+    return {
+        node.name
+        for node in ast.parse(source).body
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and all(map(empty, node.body))
+    }
+
+
 def _describe(exc, where):
     lineno, tb = 0, exc.__traceback__
     while tb is not None:
@@ -212,8 +230,9 @@ def _judge():
 
     try:
         tests = compile(job["tests"], "<tests>", "exec", dont_inherit=True, optimize=0)
-        prelude = job.get("prelude") or None
+        prelude, stubs = job.get("prelude") or None, set()
         if prelude is not None:
+            stubs = _stubs(prelude)
             prelude = compile(prelude, "<prompt>", "exec", dont_inherit=True, optimize=0)
     except BaseException as exc:  # noqa: BLE001
         verdict(False, "error", "the test program does not compile: " + type(exc).__name__ + ": " + str(exc)[:200])
@@ -233,8 +252,8 @@ def _judge():
 
     channel.deadline = channel.clock() + timeout
     wanted = {name for name in _referenced_names(tests) if not name.startswith("__") and not hasattr(builtins, name)}
-    if entry_point:
-        wanted.add(entry_point)
+    own = stubs | ({entry_point} if entry_point else set())  # what the candidate supplies despite the prelude
+    wanted |= own
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     where = "set-up"
     try:
@@ -245,8 +264,7 @@ def _judge():
         if prelude is not None:
             where = "prompt code"
             exec(prelude, namespace)
-            if entry_point in values:
-                namespace[entry_point] = values[entry_point]
+            namespace.update({name: values[name] for name in own if name in values})
         where = "tests"
         exec(tests, namespace)
     except CandidateGone:

@@ -366,7 +366,8 @@ class Sandbox:
 
     def _spawn_judge(self, job: dict, fds: tuple[int, int, int]) -> subprocess.Popen:
         """The trusted judge: the host's interpreter with the standard library only, outside the sandbox (it
-        runs the data set's tests, never the candidate's code), in an empty environment and directory."""
+        runs the data set's tests, never the candidate's code), as the trainer's user, in an empty environment,
+        with its own rlimits and wall-clock alarm (see `_judge.py`)."""
         return subprocess.Popen(
             [self.python, "-I", "-S", "-B", "-X", "utf8", "-c", _JUDGE_SOURCE, *map(str, fds)],
             stdin=subprocess.PIPE,
