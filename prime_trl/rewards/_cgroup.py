@@ -18,6 +18,7 @@ nothing the program does escapes it. Groups are removed after the run; ones stil
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -187,3 +188,12 @@ def _remove(path: Path) -> None:
     except OSError:
         with _lock:
             _pending.append(path)
+
+
+@atexit.register
+def _remove_pending() -> None:
+    for path in list(_pending):
+        try:
+            path.rmdir()
+        except OSError:
+            pass

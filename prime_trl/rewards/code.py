@@ -2,8 +2,10 @@
 
 `tests` (one per row) is either
 
-* a **test program** (str): Python run after the solution in the same module, assert style; it passes when it
-  runs to the end (score 1.0, else 0.0). HumanEval rows from `prime_trl.data` look like
+* a **test program** (str): Python written against the solution's names, assert style; it passes when it
+  runs to the end (score 1.0, else 0.0). It runs in a judge process outside the sandbox, which calls the
+  solution's functions through a plain-data channel (see `Sandbox.run_program`), so nothing the solution does in
+  its own process can reach the verdict. HumanEval rows from `prime_trl.data` look like
   ``<HumanEval test code>\\ncheck(<entry point>)``;
 * **stdin/stdout cases**: a dict or a JSON string ``{"inputs": [...], "outputs": [...]}`` (APPS / TACO /
   Eurus-2-RL-Data style); the program reads the input on stdin and its stdout must match the output (trailing
@@ -12,7 +14,8 @@
   and the JSON of the return value must equal the output. Score = fraction of cases passed.
 
 Optional columns ``code_prefix`` and ``entry_point`` (HumanEval-style rows) say how the completion's code is
-combined with the code in the prompt; see `assemble_program`.
+combined with the code in the prompt (see `assemble_program`); the judge also runs ``code_prefix`` itself, so the
+tests use the prompt's helper functions, not ones the completion redefined.
 """
 
 from __future__ import annotations
@@ -301,14 +304,15 @@ _CODE_REWARD_DOC = """TRL reward function: run each completion's code against it
     Args:
         completions: plain strings or conversational completions; the code is the last ```python block of the
             text (the whole text if there is none).
-        tests: one value per row (dataset column ``tests``): a test program (assert style, run after the
-            solution; 1.0 if it runs to the end) or stdin/stdout cases ``{"inputs": [...], "outputs": [...]}``
+        tests: one value per row (dataset column ``tests``): a test program (assert style, run by a judge
+            process against the solution's functions; 1.0 if it runs to the end) or stdin/stdout cases
+            ``{"inputs": [...], "outputs": [...]}``
             as a dict or JSON string (score = fraction of cases passed; ``"fn_name"`` makes them function calls).
         **kwargs: TRL's other arguments and columns; ``code_prefix`` and ``entry_point`` columns, if present, are
             used by `assemble_program` (HumanEval rows).
 
     Programs run in parallel (bounded workers) in bubblewrap with time, CPU, memory, process and file-size
-    limits. Without a working bubblewrap this raises `SandboxUnavailableError` unless you opt out
+    limits. A row whose run fails in any way scores 0 (logged); only malformed data raises. Without a working bubblewrap this raises `SandboxUnavailableError` unless you opt out
     (``PRIME_TRL_ALLOW_UNSANDBOXED=1``, or ``make_code_reward(isolation="none")``). Use `make_code_reward` for
     other limits or worker counts.
     """
