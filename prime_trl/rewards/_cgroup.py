@@ -22,6 +22,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class RunCgroup:
             name = f"prime-trl-{os.getpid()}-{_counter}"
             retry, _pending[:] = list(_pending), []
         for stale in retry:
-            _remove(stale)
+            _remove(stale, attempts=1)
         self.kind, self.path = kind, parent / name
         self.path.mkdir()
         try:
@@ -180,20 +181,22 @@ class RunCgroup:
         _remove(self.path)
 
 
-def _remove(path: Path) -> None:
-    try:
-        path.rmdir()
-    except FileNotFoundError:
-        pass
-    except OSError:
-        with _lock:
-            _pending.append(path)
+def _remove(path: Path, attempts: int = 10) -> None:
+    """rmdir, retried for up to ~50 ms while the killed processes finish exiting; else left for later."""
+    for attempt in range(attempts):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if attempt + 1 < attempts:
+                time.sleep(0.005)
+    with _lock:
+        _pending.append(path)
 
 
 @atexit.register
 def _remove_pending() -> None:
     for path in list(_pending):
-        try:
-            path.rmdir()
-        except OSError:
-            pass
+        _remove(path)
