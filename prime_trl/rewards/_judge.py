@@ -15,8 +15,8 @@ the entry point. Set-up of the tests' namespace, in this order:
    sends the arguments to the candidate and brings back the return value as plain data;
 2. the prelude runs here, so the prompt's own helper functions (and imports) replace any the candidate
    defined: a completion that redefines a helper cannot change what the tests compute;
-3. the entry point, and any function the prelude only has as a stub (docstring / ``pass`` body), is bound to
-   the candidate's again.
+3. the entry point, and any function the prelude only has as a stub (``stubs`` in the job: a docstring or
+   ``pass`` body, found by the trainer), is bound to the candidate's again.
 
 Then the test program runs; the verdict is "passed" only if it returns normally and the channel never broke.
 """
@@ -171,23 +171,6 @@ def _referenced_names(code):
     return names
 
 
-def _stubs(source):
-    """Names of the functions in the prompt code whose body is only a docstring, ``pass`` or ``...``: the stubs
-    the completion is asked to fill in. They are taken from the candidate even without an entry point."""
-    import ast
-
-    def empty(statement):
-        return isinstance(statement, ast.Pass) or (
-            isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
-        )
-
-    return {
-        node.name
-        for node in ast.parse(source).body
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and all(map(empty, node.body))
-    }
-
-
 def _describe(exc, where):
     lineno, tb = 0, exc.__traceback__
     while tb is not None:
@@ -230,9 +213,8 @@ def _judge():
 
     try:
         tests = compile(job["tests"], "<tests>", "exec", dont_inherit=True, optimize=0)
-        prelude, stubs = job.get("prelude") or None, set()
+        prelude, stubs = job.get("prelude") or None, set(job.get("stubs") or ())
         if prelude is not None:
-            stubs = _stubs(prelude)
             prelude = compile(prelude, "<prompt>", "exec", dont_inherit=True, optimize=0)
     except BaseException as exc:  # noqa: BLE001
         verdict(False, "error", "the test program does not compile: " + type(exc).__name__ + ": " + str(exc)[:200])

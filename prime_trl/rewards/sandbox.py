@@ -34,6 +34,8 @@ run as plain subprocesses, still with the rlimits and the deadline, after a loud
 
 from __future__ import annotations
 
+import ast
+import functools
 import glob
 import json
 import logging
@@ -201,6 +203,7 @@ class Sandbox:
         judge_job = {
             "tests": tests,
             "prelude": prelude or "",
+            "stubs": sorted(_stub_functions(prelude)) if prelude else [],
             "entry_point": entry_point or "",
             "timeout": limits.timeout,
             "startup_seconds": limits.startup_seconds,
@@ -481,6 +484,27 @@ def _pump(writes: dict, reads: dict[int, tuple[str, int]], primary: int, deadlin
     out = {reads[fd][0]: b"".join(parts) for fd, parts in chunks.items()}
     out["timed_out"] = timed_out
     return out
+
+
+@functools.lru_cache(maxsize=1024)  # the same prompt comes back for every sample of a problem
+def _stub_functions(source: str) -> frozenset[str]:
+    """Names of the module-level functions in trusted prompt code whose body is only a docstring, ``pass`` or
+    ``...``: the stubs the completion is asked to fill in, which the judge takes from the candidate."""
+
+    def empty(statement: ast.stmt) -> bool:
+        return isinstance(statement, ast.Pass) or (
+            isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
+        )
+
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return frozenset()  # the judge reports the prompt code's error itself
+    return frozenset(
+        node.name
+        for node in tree.body
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and all(map(empty, node.body))
+    )
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
