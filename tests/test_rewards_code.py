@@ -321,3 +321,27 @@ def test_one_broken_row_scores_zero_without_failing_the_batch(bwrap, monkeypatch
     completions = [fenced("boom = 1"), fenced("def f():\n    return 1")]
     assert code_reward(completions, ["assert f() == 1"] * 2) == [0.0, 1.0]
     assert "row 0 scored 0: RuntimeError: machinery failed" in caplog.text
+
+
+def test_memory_cgroup_choice_and_fall_back(bwrap, monkeypatch, tmp_path):
+    from prime_trl.rewards import _cgroup
+
+    monkeypatch.setenv(_cgroup.CGROUP_ENV, str(tmp_path))  # not a cgroup directory: no group, rlimits only
+    assert _cgroup.detect() is None
+    sandbox = Sandbox(SandboxLimits(timeout=5.0))
+    assert sandbox.memory_cgroup is None
+    assert sandbox.run_program("def f():\n    return 2", "assert f() == 2").passed
+    monkeypatch.delenv(_cgroup.CGROUP_ENV)
+    found = _cgroup.detect()
+    if found is None:
+        pytest.skip("no writable memory cgroup on this host")
+    kind, parent = found
+    monkeypatch.setenv(_cgroup.CGROUP_ENV, str(parent))  # the same directory, chosen explicitly
+    assert _cgroup.detect() == (kind, parent)
+    before = {p.name for p in parent.iterdir() if p.name.startswith("prime-trl-")}
+    sandbox = Sandbox(SandboxLimits(timeout=5.0))
+    assert sandbox.memory_cgroup == kind
+    assert sandbox.run_program("def f():\n    return 2", "assert f() == 2").passed
+    assert sandbox.run_cases("print(int(input()) + 1)", ["1"])[0].stdout == "2\n"
+    leftover = {p.name for p in parent.iterdir() if p.name.startswith("prime-trl-")} - before
+    assert not leftover, f"run cgroups left behind: {leftover}"
