@@ -297,6 +297,9 @@ def test_judge_calls_objects_through_handles_and_refuses_what_cannot_cross(bwrap
         "assert list(evens(5)) == [0, 2, 4]\nassert LIMIT == (3, {'a': [1.5]})\nassert repr(s).startswith('<candidate')\n"
     )
     assert sandbox.run_program(stack, tests).passed
+    mutate = "def fill(xs, d, s):\n    xs.sort()\n    d['k'] = 1\n    s.add(3)\n    return None\n"
+    tests = "xs, d, s = [3, 1, 2], {}, set()\nassert fill(xs, d, s) is None\nassert (xs, d, s) == ([1, 2, 3], {'k': 1}, {3})"
+    assert sandbox.run_program(mutate, tests).passed
     result = sandbox.run_program("def apply(f, x):\n    return f(x)\n", "assert apply(lambda v: v + 1, 1) == 2")
     assert not result.passed and "cannot pass a function to the candidate" in result.detail
     result = sandbox.run_program(

@@ -8,7 +8,8 @@ pipe fds in argv: requests from the judge (read) and replies to it (write). Prot
   sets its rlimits; compiles and runs the program as module ``solution``; then tells the judge
   ``{"ready": true}`` (or ``{"error": ...}`` when it does not compile, ``{"raised": ...}`` when it raised);
 * then serves the judge's requests until the judge closes the channel: ``get`` (module-level names),
-  ``call`` (a handle with arguments), ``getattr`` and ``iter``. Results travel as plain data (`_wire.encode`);
+  ``call`` (a handle with arguments; lists, dicts and sets it changed in place are sent back too), ``getattr``
+  and ``iter``. Results travel as plain data (`_wire.encode`);
   objects that are not plain data stay here and travel as numbered handles.
 
 The harness's functions are created with a private copy of the builtins (`sandbox.py` prepends that line) and
@@ -112,6 +113,18 @@ def _serve():
                 args = decode(request["args"], make_handle, make_module)
                 kwargs = decode(request["kwargs"], make_handle, make_module)
                 result = target(*args, **kwargs)
+                reply = {"value": encode(result, handle_of)}
+                # Arguments the call changed in place (list.sort(), dict updates): sent back for the judge's copies.
+                changed = []
+                for index, argument in enumerate(args):
+                    if type(argument) in (list, dict, set):
+                        after = encode(argument, handle_of)
+                        if after != request["args"][index]:
+                            changed.append([index, after])
+                if changed:
+                    reply["mutated"] = changed
+                send(reply)
+                continue
             elif op == "getattr":
                 result = getattr(target, request["name"])
             elif op == "iter":

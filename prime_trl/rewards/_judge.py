@@ -122,7 +122,10 @@ class Channel:
         reply = self.receive()
         if "value" in reply:
             try:
-                return decode(reply["value"], self.make_remote, self.make_module)
+                value = decode(reply["value"], self.make_remote, self.make_module)
+                if args is not None and "mutated" in reply:
+                    self.update_arguments(args, reply["mutated"])
+                return value
             except WireError as exc:
                 self.fail("failed", "unusable answer from the candidate: " + str(exc))
         if "raise" in reply and type(reply["raise"]) is str:
@@ -130,6 +133,22 @@ class Channel:
                 self.fail("failed", "the candidate raised " + reply["raise"][:100] + " (not an Exception)")
             raise _remote_exception(reply["raise"], reply.get("message"))
         self.fail("failed", "unusable answer from the candidate: malformed reply")
+
+    def update_arguments(self, args, mutated):
+        """Apply in-place changes the call made to list, dict and set arguments to the judge's own objects."""
+        if type(mutated) is not list:
+            raise WireError("malformed mutation list")
+        for item in mutated:
+            if type(item) is not list or len(item) != 2 or type(item[0]) is not int or not 0 <= item[0] < len(args):
+                raise WireError("malformed mutation")
+            target, value = args[item[0]], decode(item[1], self.make_remote, self.make_module)
+            if type(target) is not type(value) or type(target) not in (list, dict, set):
+                raise WireError("mutation of another type")
+            if type(target) is list:
+                target[:] = value
+            else:
+                target.clear()
+                target.update(value)
 
     def handle_of(self, value):
         if type(value) is Remote and value._channel is self:
