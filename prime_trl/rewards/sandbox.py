@@ -102,12 +102,14 @@ class SandboxLimits:
 
     Attributes:
         timeout: wall-clock seconds for a test program, or for each stdin/stdout case; also the CPU-time limit.
-        memory_mb: address-space limit per process (RLIMIT_AS).
+        memory_mb: address-space limit per process (RLIMIT_AS); with a memory cgroup, the whole run (all its
+            processes, memory-backed files and /tmp) is also limited to ``memory_mb + tmp_mb``.
         max_processes: processes + threads the run may have at once (RLIMIT_NPROC).
         max_file_mb: largest file the program may write (RLIMIT_FSIZE).
         max_open_files: RLIMIT_NOFILE.
         tmp_mb: size of the private /tmp.
-        max_output_kb: stdout kept per stdin/stdout case (more counts as a wrong answer).
+        max_output_kb: stdout kept per stdin/stdout case (more counts as a wrong answer), and the largest
+            message the candidate may send the judge (a larger one fails the row).
         max_total_seconds: wall-clock cap for a whole run, however many cases it has.
         startup_seconds: allowance for starting bwrap and the interpreter on a loaded machine.
     """
