@@ -196,7 +196,10 @@ def _describe(exc, where):
         if tb.tb_frame.f_code.co_filename == "<tests>":
             lineno = tb.tb_lineno
         tb = tb.tb_next
-    text = str(exc)[:200]
+    try:
+        text = str(exc)[:200]
+    except BaseException:  # noqa: BLE001 - an exception whose __str__ fails
+        text = ""
     return (
         type(exc).__name__ + " at " + where + (" line " + str(lineno) if lineno else "") + (": " + text if text else "")
     )
