@@ -531,13 +531,45 @@ def _localisation_lines(report: dict[str, Any]) -> list[str]:
 
 
 def section_grading(name: str, report: dict[str, Any]) -> list[str]:
-    lines = ["### Verifier grading throughput", ""] + _provenance(name, report) + [""]
+    lines = ["### Verifier grading throughput", ""] + _provenance(name, report)
+    if report.get("design"):
+        lines.append(f"- design: {report['design']}")
+    load = report.get("machine", {}).get("load_average_1min")
+    if load:
+        lines.append(f"- load average (1 min) before / after: {load[0]} / {load[1]} (shared CPU)")
+    lines.append("")
     rows = []
+    with_cpu = any(r.get("cpu_seconds") is not None for r in report.get("rows", []))
     for r in report.get("rows", []):
         per_second = "" if r.get("items_per_second") is None else r["items_per_second"]
         accepted = "" if r.get("accepted") is None else f"{r['accepted']}/{r['items']}"
         rows.append([r["verifier"], r["set"], r["items"], r["workers"], r["seconds"], per_second, accepted])
-    lines += _table(["verifier", "set", "items", "workers", "seconds", "items/s", "accepted"], rows)
+        if with_cpu:
+            rows[-1].append("" if r.get("cpu_seconds") is None else r["cpu_seconds"])
+    header = ["verifier", "set", "items", "workers", "seconds", "items/s", "accepted"]
+    lines += _table(header + (["CPU s (all processes)"] if with_cpu else []), rows)
+    baseline = report.get("baseline")
+    if baseline:
+        before = {(r["set"], r["workers"]): r for r in baseline.get("rows", [])}
+        pairs = [(before.get((r["set"], r["workers"])), r) for r in report.get("rows", []) if r["verifier"] == "code"]
+        lines += [
+            "",
+            f"Code verifier against `{baseline['file']}` ({baseline.get('design')}, {baseline.get('date')}):",
+            "",
+        ]
+        table = []
+        for b, r in pairs:
+            if not (b and b.get("seconds")):
+                continue
+            table.append([r["set"], r["workers"], b["seconds"], r["seconds"], _num(r["seconds"] / b["seconds"], 2)])
+            cpu_before, cpu_now = b.get("cpu_seconds"), r.get("cpu_seconds")
+            ratio = cpu_now / cpu_before if cpu_before and cpu_now is not None else None
+            table[-1] += [cpu_before if cpu_before is not None else "", cpu_now if cpu_now is not None else ""]
+            table[-1].append(_num(ratio, 2))
+        lines += _table(
+            ["set", "workers", "s before", "s now", "now / before", "CPU s before", "CPU s now", "CPU now / before"],
+            table,
+        )
     return lines + [""]
 
 

@@ -257,3 +257,94 @@ def test_opt_out_by_argument(monkeypatch):
 def test_bad_isolation_value():
     with pytest.raises(ValueError, match="isolation must be"):
         Sandbox(isolation="docker")
+
+
+# ----------------------------------------------------------------------------- the judge's channel
+def test_wire_round_trip_and_bounds():
+    from prime_trl.rewards import _wire
+
+    def no_handles(value):
+        raise TypeError(type(value).__name__)
+
+    value = [None, True, 3, -(2**100), 2.5, float("inf"), 1 + 2j, "s", b"\x00b", (1, (2,)), {1, 2}, frozenset({3})]
+    value.append({"k": [1], (1, 2): "t"})
+    line = _wire.dumps({"value": _wire.encode(value, no_handles)})
+    assert _wire.decode(_wire.loads(line)["value"], no_handles, no_handles) == value
+    c_dumps, c_loads = _wire.c_codec()
+    assert c_loads(c_dumps({"a": [1, "x"]})[:-1]) == {"a": [1, "x"]}
+    deep = b"[" * 200_000 + b"]" * 200_000
+    for bad in (deep, b'{"$x": 1}', b'{"$s": [[1]]}', b'{"$d": [[1]]}', b"[1] trailing", b"\xff"):
+        with pytest.raises(_wire.WireError):
+            _wire.decode(_wire.loads(bad), no_handles, no_handles)
+        with pytest.raises(_wire.WireError):
+            _wire.decode(c_loads(bad), no_handles, no_handles)
+    with pytest.raises(_wire.WireError, match="deeper"):
+        nested: list = []
+        for _ in range(_wire.MAX_DEPTH + 2):
+            nested = [nested]
+        _wire.decode(nested, no_handles, no_handles)
+
+
+def test_judge_calls_objects_through_handles_and_refuses_what_cannot_cross(bwrap):
+    sandbox = Sandbox(SandboxLimits(timeout=5.0))
+    stack = (
+        "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):\n"
+        "        self.items.append(x)\n    def pop(self):\n        return self.items.pop()\n"
+        "def evens(n):\n    yield from range(0, n, 2)\nLIMIT = (3, {'a': [1.5]})\n"
+    )
+    tests = (
+        "s = Stack()\ns.push(1)\ns.push((2, 'b'))\nassert s.pop() == (2, 'b')\nassert s.items == [1]\n"
+        "assert list(evens(5)) == [0, 2, 4]\nassert LIMIT == (3, {'a': [1.5]})\nassert repr(s).startswith('<candidate')\n"
+    )
+    assert sandbox.run_program(stack, tests).passed
+    mutate = "def fill(xs, d, s):\n    xs.sort()\n    d['k'] = 1\n    s.add(3)\n    return None\n"
+    tests = "xs, d, s = [3, 1, 2], {}, set()\nassert fill(xs, d, s) is None\nassert (xs, d, s) == ([1, 2, 3], {'k': 1}, {3})"
+    assert sandbox.run_program(mutate, tests).passed
+    result = sandbox.run_program("def apply(f, x):\n    return f(x)\n", "assert apply(lambda v: v + 1, 1) == 2")
+    assert not result.passed and "cannot pass a function to the candidate" in result.detail
+    result = sandbox.run_program(
+        "class Yes:\n    def __eq__(self, o):\n        return True\ndef f():\n    return Yes()\n", "assert f() == 1"
+    )
+    assert not result.passed and result.status == "failed"
+    result = sandbox.run_program("def f():\n    return object()\n", "assert f()")
+    assert not result.passed and "no truth value" in result.detail
+
+
+def test_one_broken_row_scores_zero_without_failing_the_batch(bwrap, monkeypatch, caplog):
+    from prime_trl.rewards import code as code_module
+
+    real = code_module.score_code
+
+    def flaky(code, *args, **kwargs):
+        if "boom" in code:
+            raise RuntimeError("machinery failed")
+        return real(code, *args, **kwargs)
+
+    monkeypatch.setattr(code_module, "score_code", flaky)
+    completions = [fenced("boom = 1"), fenced("def f():\n    return 1")]
+    assert code_reward(completions, ["assert f() == 1"] * 2) == [0.0, 1.0]
+    assert "row 0 scored 0: RuntimeError: machinery failed" in caplog.text
+
+
+def test_memory_cgroup_choice_and_fall_back(bwrap, monkeypatch, tmp_path):
+    from prime_trl.rewards import _cgroup
+
+    monkeypatch.setenv(_cgroup.CGROUP_ENV, str(tmp_path))  # not a cgroup directory: no group, rlimits only
+    assert _cgroup.detect() is None
+    sandbox = Sandbox(SandboxLimits(timeout=5.0))
+    assert sandbox.memory_cgroup is None
+    assert sandbox.run_program("def f():\n    return 2", "assert f() == 2").passed
+    monkeypatch.delenv(_cgroup.CGROUP_ENV)
+    found = _cgroup.detect()
+    if found is None:
+        pytest.skip("no writable memory cgroup on this host")
+    kind, parent = found
+    monkeypatch.setenv(_cgroup.CGROUP_ENV, str(parent))  # the same directory, chosen explicitly
+    assert _cgroup.detect() == (kind, parent)
+    before = {p.name for p in parent.iterdir() if p.name.startswith("prime-trl-")}
+    sandbox = Sandbox(SandboxLimits(timeout=5.0))
+    assert sandbox.memory_cgroup == kind
+    assert sandbox.run_program("def f():\n    return 2", "assert f() == 2").passed
+    assert sandbox.run_cases("print(int(input()) + 1)", ["1"])[0].stdout == "2\n"
+    leftover = {p.name for p in parent.iterdir() if p.name.startswith("prime-trl-")} - before
+    assert not leftover, f"run cgroups left behind: {leftover}"

@@ -1,9 +1,9 @@
 """Attack suite for the code sandbox: programs that try to fake a pass, escape, or harm the host.
 
-Every test asserts the score (0), and the `host` fixture asserts afterwards that no sandbox process is left
-running, that no file appeared outside the sandbox, and that this process can still start processes. Where an
-attack is refused by the harness (rather than just failing), the test also checks the refusal message, so a
-buggy attack cannot pass for a defended one.
+Every test asserts the score (0), and the `host` fixture asserts afterwards that no sandbox (or judge) process
+is left running, that no file appeared outside the sandbox, and that this process can still start processes.
+Attacks on the verdict itself, one per weakness class, graded through `code_reward`, are in
+tests/test_verifier_attacks.py.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 
 from prime_trl.rewards import Sandbox, SandboxLimits, bwrap_status, code_reward
 
-RUNNER_MARKER = b"_make_audit_hook"  # part of the harness source, which is in every sandbox process's argv
-REFUSED = "disabled in the prime_trl code sandbox"
+# The interpreter flags of every harness (candidate, judge, case supervisor), in each such process's argv
+RUNNER_MARKER = b"\x00-I\x00-S\x00-B\x00-X\x00utf8\x00-c\x00"
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +256,7 @@ def _frame_attack(body: str) -> str:
             "gc-fresh-module",
             "import _imp, importlib.machinery\n"
             "spec = importlib.machinery.ModuleSpec('gc', importlib.machinery.BuiltinImporter)\n"
-            "attempt('gc-fresh', lambda: [scan(o) for o in _imp.create_builtin(spec).get_objects()])",
+            "attempt('gc-fresh-module', lambda: [scan(o) for o in _imp.create_builtin(spec).get_objects()])",
         ),
         ("settrace", "attempt('settrace', lambda: sys.settrace(lambda f, e, a: walk(f)))"),
         ("setprofile", "attempt('setprofile', lambda: sys.setprofile(lambda f, e, a: walk(f)))"),
@@ -279,19 +279,20 @@ def _frame_attack(body: str) -> str:
         ),
     ],
 )
-def test_harness_internals_are_out_of_reach(sandbox, host, name, body):
+def test_introspecting_the_candidate_process_forges_nothing(sandbox, host, name, body):
+    """The candidate may inspect its own process freely: the verdict is not in it (it is written by the judge,
+    in another process, to a pipe the candidate never holds), so whatever it finds and forges counts for nothing."""
     result = _fails(sandbox, _frame_attack(body))
-    assert "secrets" not in result.stderr or " 0 secrets" in result.stderr, result.stderr
-    if name != "proc-mem":  # /proc is simply not mounted
-        assert REFUSED in result.stderr, result.stderr
-    else:
+    if name == "proc-mem":  # /proc is simply not mounted
         assert "No such file" in result.stderr, result.stderr
+    else:
+        assert f"{name}: ran" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("fresh_module", [False, True], ids=["signal", "fresh-_signal-via-_imp"])
 def test_signal_handler_frames_hold_nothing(sandbox, host, fresh_module):
-    """A Python signal handler runs in the main thread and gets its frame. The program runs in another thread,
-    so Python refuses to install the handler; and the main thread's frames hold nothing useful anyway."""
+    """A Python signal handler runs in the main thread and gets its frame: in the candidate's process it may
+    walk every frame there is, and none of them holds or writes the verdict."""
     get_signal = (
         "import _imp, importlib.machinery\n"
         "sig = _imp.create_builtin(importlib.machinery.ModuleSpec('_signal', importlib.machinery.BuiltinImporter))\n"
@@ -308,7 +309,7 @@ def test_signal_handler_frames_hold_nothing(sandbox, host, fresh_module):
         "attempt('signal', install)\n"
     )
     result = _fails(sandbox, _frame_attack(body))
-    assert "main thread" in result.stderr or "handler ran: True, 0 secrets" in result.stderr, result.stderr
+    assert "handler ran: True" in result.stderr, result.stderr
 
 
 # ----------------------------------------------------------------------------- runaway resources
@@ -387,7 +388,8 @@ def test_writes_outside_the_temp_dir_fail(sandbox, host):
         assert not Path(target).exists(), target
     # the private /tmp works, and is private: what the program writes there never reaches the host's /tmp
     assert sandbox.run_program(
-        "open('/tmp/pwned_private', 'w').write('x')", "assert open('/tmp/pwned_private').read() == 'x'"
+        "open('/tmp/pwned_private', 'w').write('x')\ndef read():\n    return open('/tmp/pwned_private').read()",
+        "assert read() == 'x'",
     ).passed
     assert not Path("/tmp/pwned_private").exists()
 

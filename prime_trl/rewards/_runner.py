@@ -1,35 +1,17 @@
-"""Trusted harness that runs *inside* the code sandbox, before and around the untrusted program.
+"""Supervisor for stdin/stdout and function-call cases; runs *inside* the code sandbox.
 
 prime_trl never imports this file: `sandbox.py` passes its text to `python -I -S -X utf8 -c`, so it runs on
-the bare standard library of the sandbox's interpreter. Protocol:
+the bare standard library of the sandbox's interpreter. (Test programs use `_candidate.py` and `_judge.py`.)
 
-* stdin: one JSON job (program, tests or cases, limits, a random per-run nonce). It is read to EOF with
-  `os.read` and fd 0 is then pointed at /dev/null, so the job text is gone before untrusted code runs.
-* argv[1]: a pipe fd the host reads. Every message is a JSON line that carries the nonce; the host ignores
-  everything else and keeps only the first verdict. The program shares our fd table and can write to that
-  pipe, but without the nonce its lines count for nothing.
+* stdin: one JSON job (program, cases, limits, a random per-run nonce). It is read to EOF with `os.read` and
+  fd 0 is then pointed at /dev/null.
+* argv[1]: a pipe fd the host reads: one JSON line per case, with the nonce.
 
-Modes:
-
-* ``program``: run the solution, then the test program (assert style), in one interpreter. The "passed" line
-  is written only after the test code object returned normally; any exception, `sys.exit`, `os._exit`,
-  signal or timeout leaves no "passed" line, which the host scores 0. Tests see the solution's globals except
-  those that shadow a builtin, and a pristine builtins dict copied before the solution ran. After the solution
-  has run, this process writes only byte strings prepared beforehand, with `os.write` captured beforehand:
-  no json, no formatting, nothing the program could have patched ever sees the nonce.
-* ``io`` / ``call``: per case, a forked child runs the program with the case on stdin (or calls ``fn_name``
-  with the case's JSON arguments and prints the JSON result); this process, which never runs untrusted code,
-  reports the child's captured stdout. The host compares it with the expected output, so expected outputs
-  never enter the sandbox.
-
-Before untrusted code runs, a permanent audit hook (PEP 578) refuses the usual ways to reach this harness's
-frames and memory: frame objects (`sys._getframe`, traceback/generator/coroutine frames,
-`sys._current_frames`), tracing and profiling hooks, `gc` object walks, `ctypes` and the CPython test modules,
-and building code objects from raw bytes (`code.__new__`, `marshal`; modules imported later are compiled from
-source). In program mode the solution and tests run in a second thread, and the main thread drops every
-reference to the verdict first: a signal handler, which always runs in the main thread and receives its
-frame, finds nothing there. That is defence in depth for score integrity, not a security boundary:
-bubblewrap and the rlimits protect the machine. See docs/verifiers.md for the threat model and its limits.
+Per case, a forked child runs the program with the case on stdin (or calls ``fn_name`` with the case's JSON
+arguments and prints the JSON result); this process, which never runs untrusted code itself, reports the
+child's captured stdout. The child closes every inherited fd above 2 (the result pipe above all) before the
+program starts, and this process is non-dumpable, so the child cannot write the report or read this process's
+memory. The host compares the output with the expected one, so expected outputs never enter the sandbox.
 """
 
 import os
@@ -37,7 +19,6 @@ import sys
 
 
 def _run() -> None:
-    import builtins
     import json
     import resource
 
@@ -55,7 +36,7 @@ def _run() -> None:
     nonce = job.pop("nonce")
 
     def line(message: dict) -> bytes:
-        return (json.dumps({**message, "nonce": nonce}) + "\n").encode()  # noqa: F821 - `del nonce` clears it later
+        return (json.dumps({**message, "nonce": nonce}) + "\n").encode()
 
     def write_all(data: bytes) -> None:
         while data:
@@ -78,98 +59,12 @@ def _run() -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_seconds"], limits["cpu_seconds"] + 1))
     _set_not_dumpable()  # other processes of this uid cannot ptrace us or read our memory
 
-    mode = job["mode"]
     try:
-        # optimize=0 keeps `assert` statements whatever flags the interpreter got
         solution = compile(job["code"], "<solution>", "exec", dont_inherit=True, optimize=0)
-        tests = compile(job["tests"], "<tests>", "exec", dont_inherit=True, optimize=0) if mode == "program" else None
     except (SyntaxError, ValueError, MemoryError, RecursionError) as exc:
         write_all(line({"event": "error", "error": f"{type(exc).__name__}: {exc}"}))
         exit_now(0)
-
-    # Imported now, from their cached bytecode: later imports compile from source (see below), and some of
-    # these touch frames at import time, which the audit hook would refuse.
-    import _thread
-    import bisect  # noqa: F401
-    import collections  # noqa: F401
-    import functools  # noqa: F401
-    import heapq  # noqa: F401
-    import itertools  # noqa: F401
-    import math  # noqa: F401
-    import select  # noqa: F401
-    import signal  # noqa: F401
-    import string  # noqa: F401
-    import types  # noqa: F401
-    import typing  # noqa: F401
-
-    sys.pycache_prefix = "/nonexistent-prime-trl-pycache"  # no .pyc is read from now on: marshal can be refused
-    clean_builtins = dict(builtins.__dict__)
-    sys.addaudithook(_make_audit_hook())
-
-    if mode != "program":
-        _run_cases(solution, job, line, write_all, exit_now, devnull)
-    verdicts = (line({"event": "result", "passed": True}), line({"event": "result", "passed": False}))
-    info_prefix = line({"event": "info"})[:-2]  # '... "nonce": "<hex>"' without the closing brace
-    # The main thread must keep nothing the program could use: a Python signal handler runs in the main thread
-    # and receives its frame (and, through f_back, the module's). So the worker thread waits on `go` until this
-    # frame has dropped every reference, and ends the process itself with os._exit.
-    go = _thread.allocate_lock()
-    go.acquire()
-    _thread.stack_size(64 << 20)  # deep recursion needs a main-thread-sized stack
-    _thread.start_new_thread(
-        _run_program, (go, solution, tests, clean_builtins, verdicts, info_prefix, write_all, exit_now)
-    )
-    wall_seconds = limits["wall_seconds"]
-    del job, line, nonce, verdicts, info_prefix, solution, tests, clean_builtins, write_all, limits, chunk
-    go.release()
-    # Then it only keeps the wall clock (the host kills us a little later anyway, as a backstop).
-    import time
-
-    block, deadline = _thread.allocate_lock(), time.monotonic() + wall_seconds
-    block.acquire()
-    while time.monotonic() < deadline:
-        try:
-            block.acquire(timeout=max(0.0, deadline - time.monotonic()))
-        except BaseException:  # noqa: BLE001 - interrupt_main / signals must not end the wait early
-            continue
-    exit_now(3)
-
-
-def _run_program(go, solution, tests, clean_builtins, verdicts, info_prefix, write_all, exit_now) -> None:
-    """Solution, then tests (in the worker thread); "passed" only if the test code returns normally."""
-    run, base_exception, passed, failed = exec, BaseException, verdicts[0], verdicts[1]
-    del verdicts
-    go.acquire()  # until the main thread has let go of everything
-    namespace = {"__name__": "solution", "__builtins__": __builtins__}
-    where = "solution"
-    try:
-        try:
-            run(solution, namespace)
-            where = "tests"
-            test_namespace = {key: value for key, value in namespace.items() if key not in clean_builtins}
-            test_namespace["__name__"] = "__main__"
-            test_namespace["__builtins__"] = clean_builtins
-            run(tests, test_namespace)
-        except base_exception as exc:  # every way out but a normal return is a failure
-            write_all(failed)
-            # Diagnostics only (the verdict is out), reduced to plain characters without formatting code.
-            write_all(info_prefix + b', "error": "' + _describe(exc, where) + b'"}\n')
-        else:
-            write_all(passed)
-    finally:
-        exit_now(0)
-
-
-def _describe(exc: BaseException, where: str) -> bytes:
-    try:
-        lineno = 0
-        tb = exc.__traceback__
-        while tb is not None:
-            lineno, tb = tb.tb_lineno, tb.tb_next
-        text = f"{type(exc).__name__} at {where} line {lineno}"
-        return "".join(c for c in text if c.isalnum() or c in " _.").encode("ascii", "ignore")[:200]
-    except BaseException:  # noqa: BLE001 - user-defined exception types can raise anything here
-        return b"exception"
+    _run_cases(solution, job, line, write_all, exit_now, devnull)
 
 
 def _run_cases(solution, job, line, write_all, exit_now, devnull) -> None:
@@ -283,59 +178,7 @@ def _set_not_dumpable() -> None:
     except Exception:  # noqa: BLE001 - best effort; in root mode the uid switch already cleared it
         pass
     for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
-        del sys.modules[name]  # so that `import ctypes` in the program reaches the audit hook (and is refused)
-
-
-class SandboxRestriction(ValueError, AttributeError):
-    """Raised for refused operations. Both bases, so stdlib code that catches either keeps working
-    (logging, typing, collections.namedtuple probe frames inside `except (AttributeError, ValueError)`)."""
-
-
-def _make_audit_hook():
-    """The hook uses closure variables only (no global or builtin look-ups), so patching builtins or this
-    module cannot switch it off; audit hooks cannot be removed once added."""
-    blocked_events = frozenset(
-        {
-            "sys._getframe",
-            "sys._current_frames",
-            "sys._current_exceptions",
-            "sys.settrace",
-            "sys.setprofile",
-            "gc.get_objects",
-            "gc.get_referrers",
-            "gc.get_referents",
-            "code.__new__",
-            "marshal.loads",
-            "marshal.load",
-        }
-    )
-    blocked_prefixes = ("ctypes.", "sys.monitoring", "cpython.")
-    blocked_attributes = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
-    blocked_modules = frozenset(
-        {
-            "ctypes",
-            "_ctypes",
-            "_testcapi",
-            "_testinternalcapi",
-            "_testbuffer",
-            "_testmultiphase",
-            "_testsinglephase",
-            "_testimportmultiple",
-            "_xxsubinterpreters",
-            "_xxinterpchannels",
-        }
-    )
-    restriction, text = SandboxRestriction, str
-
-    def hook(event, args):
-        if event in blocked_events or event.startswith(blocked_prefixes):
-            raise restriction(f"{event} is disabled in the prime_trl code sandbox")
-        if event == "object.__getattr__" and args[1] in blocked_attributes:
-            raise restriction(f"frame access ({args[1]}) is disabled in the prime_trl code sandbox")
-        if event == "import" and text(args[0]).split(".")[0] in blocked_modules:
-            raise restriction(f"importing {args[0]} is disabled in the prime_trl code sandbox")
-
-    return hook
+        del sys.modules[name]  # the children start from a clean module table
 
 
 if __name__ == "__main__":

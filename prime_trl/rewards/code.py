@@ -2,8 +2,10 @@
 
 `tests` (one per row) is either
 
-* a **test program** (str): Python run after the solution in the same module, assert style; it passes when it
-  runs to the end (score 1.0, else 0.0). HumanEval rows from `prime_trl.data` look like
+* a **test program** (str): Python written against the solution's names, assert style; it passes when it
+  runs to the end (score 1.0, else 0.0). It runs in a judge process outside the sandbox, which calls the
+  solution's functions through a plain-data channel (see `Sandbox.run_program`), so nothing the solution does in
+  its own process can reach the verdict. HumanEval rows from `prime_trl.data` look like
   ``<HumanEval test code>\\ncheck(<entry point>)``;
 * **stdin/stdout cases**: a dict or a JSON string ``{"inputs": [...], "outputs": [...]}`` (APPS / TACO /
   Eurus-2-RL-Data style); the program reads the input on stdin and its stdout must match the output (trailing
@@ -12,7 +14,8 @@
   and the JSON of the return value must equal the output. Score = fraction of cases passed.
 
 Optional columns ``code_prefix`` and ``entry_point`` (HumanEval-style rows) say how the completion's code is
-combined with the code in the prompt; see `assemble_program`.
+combined with the code in the prompt (see `assemble_program`); the judge also runs ``code_prefix`` itself, so the
+tests use the prompt's helper functions, not ones the completion redefined.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from prime_trl.rewards import _wire
 from prime_trl.rewards._common import check_column, completion_text
 from prime_trl.rewards.sandbox import Sandbox, SandboxLimits
 
@@ -175,20 +179,33 @@ def _values_match(actual: Any, expected: Any) -> bool:
 
 
 def _call_output_matches(stdout: str, expected: Any) -> bool:
+    """Whether a function-call case's printed JSON (untrusted: size-capped by the sandbox, parsed here with
+    bounded depth) equals the expected return value."""
     try:
-        value = json.loads(stdout)
-    except ValueError:
+        value = _wire.loads(stdout)
+        _wire.decode(value, _no_handles, _no_handles)  # only for its depth bound; JSON data is returned as is
+    except _wire.WireError:
         return False
     # APPS/TACO store a call's expected return value wrapped in a one-element list.
     wrapped = isinstance(expected, list) and len(expected) == 1
     return _values_match(value, expected) or (wrapped and _values_match(value, expected[0]))
 
 
-def score_code(code: str, tests: Any, sandbox: Sandbox) -> float:
-    """Score one program: 1.0/0.0 for a test program, the fraction of passed cases for stdin/stdout tests."""
+def _no_handles(_: Any) -> Any:
+    raise _wire.WireError("not plain JSON")
+
+
+def score_code(
+    code: str, tests: Any, sandbox: Sandbox, code_prefix: str | None = None, entry_point: str | None = None
+) -> float:
+    """Score one program: 1.0/0.0 for a test program, the fraction of passed cases for stdin/stdout tests.
+
+    For a test program, `code_prefix` (the prompt's own code: imports, helper functions) is also run on the
+    judge's side before the tests, so the tests use the prompt's helpers even if `code` redefines them, and
+    `entry_point` names the function under test (see `Sandbox.run_program`)."""
     spec = parse_tests(tests)
     if isinstance(spec, str):
-        result = sandbox.run_program(code, spec)
+        result = sandbox.run_program(code, spec, prelude=code_prefix or None, entry_point=entry_point or None)
         logger.debug("code verdict %s %s", result.status, result.detail)
         return 1.0 if result.passed else 0.0
     if not spec.inputs:
@@ -259,10 +276,22 @@ def _code_reward(completions: list, tests: list | None, sandbox: Sandbox, worker
             assemble_program(code, prefixes[i] if prefixes else None, entry_points[i] if entry_points else None)
         )
 
-    def score(i: int) -> float:
-        if tests[i] is None:
+    for i, row_tests in enumerate(tests):
+        if row_tests is None:
             raise ValueError(f"code_reward: row {i} has no tests (its 'tests' value is None)")
-        return score_code(programs[i], tests[i], sandbox)
+
+    def score(i: int) -> float:
+        try:
+            return score_code(
+                programs[i],
+                tests[i],
+                sandbox,
+                prefixes[i] if prefixes else None,
+                entry_points[i] if entry_points else None,
+            )
+        except Exception as exc:  # noqa: BLE001 - one row never fails the batch: it scores 0, with the reason
+            logger.warning("code_reward: row %d scored 0: %s: %s", i, type(exc).__name__, str(exc)[:300])
+            return 0.0
 
     if workers == 1 or n <= 1:
         return [score(i) for i in range(n)]
@@ -275,14 +304,15 @@ _CODE_REWARD_DOC = """TRL reward function: run each completion's code against it
     Args:
         completions: plain strings or conversational completions; the code is the last ```python block of the
             text (the whole text if there is none).
-        tests: one value per row (dataset column ``tests``): a test program (assert style, run after the
-            solution; 1.0 if it runs to the end) or stdin/stdout cases ``{"inputs": [...], "outputs": [...]}``
+        tests: one value per row (dataset column ``tests``): a test program (assert style, run by a judge
+            process against the solution's functions; 1.0 if it runs to the end) or stdin/stdout cases
+            ``{"inputs": [...], "outputs": [...]}``
             as a dict or JSON string (score = fraction of cases passed; ``"fn_name"`` makes them function calls).
         **kwargs: TRL's other arguments and columns; ``code_prefix`` and ``entry_point`` columns, if present, are
             used by `assemble_program` (HumanEval rows).
 
     Programs run in parallel (bounded workers) in bubblewrap with time, CPU, memory, process and file-size
-    limits. Without a working bubblewrap this raises `SandboxUnavailableError` unless you opt out
+    limits. A row whose run fails in any way scores 0 (logged); only malformed data raises. Without a working bubblewrap this raises `SandboxUnavailableError` unless you opt out
     (``PRIME_TRL_ALLOW_UNSANDBOXED=1``, or ``make_code_reward(isolation="none")``). Use `make_code_reward` for
     other limits or worker counts.
     """
