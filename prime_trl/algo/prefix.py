@@ -104,7 +104,10 @@ def unsupported_reason(model: torch.nn.Module, needs_grad: bool) -> str | None:
     if any(t not in ("full_attention",) for t in layer_types):
         return f"the model has layer types {sorted(set(layer_types))}; only full attention shares a key/value prefix"
     if _is_sharded(inner):
-        return "parameters are sharded (FSDP / DeepSpeed ZeRO-3); shared-prefix passes are only tested with DDP"
+        return (
+            "the model is a DeepSpeed engine or has sharded parameters (FSDP, ZeRO-3); shared-prefix passes are only "
+            "tested in one process and with DDP"
+        )
     if needs_grad and _checkpointing(inner) == "reentrant":
         return (
             "gradient checkpointing with use_reentrant=True would not carry gradients from the completions back "
