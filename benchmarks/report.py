@@ -597,8 +597,9 @@ def section_prefix_summary(results: dict[str, dict[str, Any]]) -> list[str]:
         "Variants: `grpo` = TRL's stock GRPOTrainer; `prime` / `prime_shared` = PRIMETrainer with "
         "`share_prompt_prefix` off / on; `outcome` / `outcome_shared` = PRIMETrainer as outcome-only RLOO (no PRM "
         "pass, GRPO's cost) off / on. Floor ratio = PRIME's scoring time in the trainer / (one no-grad forward + one "
-        "LoRA forward + backward over the same rows, same sharing). The machine was shared with other jobs "
-        "(wall time up to ~5x CPU time): read the ratios, not the seconds.",
+        "LoRA forward + backward over the same rows, same sharing). Times are CPU seconds of each single-threaded run "
+        "process: the machine was shared with other developers' jobs (load average ~14 on 2 cores, wall time "
+        "5-7x CPU time), so wall time measured the neighbours; CPU time measures the work.",
         "",
     ]
     rows = []
@@ -630,7 +631,7 @@ def section_prefix_summary(results: dict[str, dict[str, Any]]) -> list[str]:
             "prompt",
             "K",
             "prompt + completion tokens",
-            "step s: grpo / prime / prime_shared",
+            "step CPU s: grpo / prime / prime_shared",
             "prime / grpo",
             "prime_shared / grpo",
             "sharing speed-up, PRIME",
@@ -664,7 +665,9 @@ def section_prefix(name: str, report: dict[str, Any]) -> list[str]:
                 _num(_get(report, "peak_mem_mb", variant, "median"), 0),
             ]
         )
-    lines += _table(["variant", "step s", *[f"{p} s" for p in parts], "mean completion tokens", "peak memory MB"], rows)
+    lines += _table(
+        ["variant", "step CPU s", *[f"{p} s" for p in parts], "mean completion tokens", "peak memory MB"], rows
+    )
     floors = report.get("floor_seconds") or {}
     if floors:
         lines += [
