@@ -89,7 +89,7 @@ def smollm2_dir(cache: Path) -> Path:
 
 def prompts(kind: str, count: int = 64) -> list:
     """``short``: one-line arithmetic prompts (~15 tokens); ``long``: PRIME's system prompt + a GSM8K question in
-    chat form (the training prompt of the PRIME models; ~450 tokens with SmolLM2's tokenizer)."""
+    chat form (the training prompt of the PRIME models; ~190-260 tokens with SmolLM2's tokenizer)."""
     if kind == "short":
         return [f"Q:{i}+{i % 7}*3=?A:" for i in range(count)]
     from prime_trl.data import load_gsm8k

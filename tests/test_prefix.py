@@ -20,10 +20,24 @@ torch.set_num_threads(1)
 GROUPS, K, PROMPT, COMPLETION = 3, 4, 14, 9
 
 
-@pytest.fixture
-def lora_model():
-    """A tiny Qwen2 with TRL's fused head and a non-zero LoRA adapter (so the adapter path matters)."""
+@pytest.fixture(params=["qwen2", "llama"])
+def lora_model(request):
+    """A tiny Qwen2 (or Llama, SmolLM2's architecture) with TRL's fused head and a non-zero LoRA adapter (so the
+    adapter path matters)."""
     model = build_model(build_tokenizer(), hidden_size=64, num_layers=2, seed=1)
+    if request.param == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=model.config.vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        torch.manual_seed(1)
+        model = LlamaForCausalLM(config)
     add_fused_lm_head(model, outputs=("log_probs", "entropy"))
     return get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
 
