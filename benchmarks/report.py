@@ -811,6 +811,16 @@ NOTES = """
   12-token prompts (demo model, 14% of tokens saved) sharing made the PRM passes ~15% slower, so it now applies
   only where it saves >= 25% of a micro-batch's tokens; the `prefix_demo_short_k4` row was measured before that
   threshold and shows the loss.
+- **SmolLM2 at realistic lengths (issue 12 item 5, `split_smollm2_long_k4_c256`).** PRIME's system prompt + GSM8K
+  (~240 prompt tokens), completions up to 256 tokens, K=4, one step each: GRPO 69.7 CPU s (generation 40.9,
+  policy update 28.8), PRIME with shared prefixes 84.1 (generation 44.1, reference 5.9, PRM update 17.6, policy
+  update 16.5), PRIME on a 4-bit base 91.9 (generation 54.9: bitsandbytes dequantizes on CPU). Read the 1.21x
+  PRIME / GRPO with care: the runs sampled different completions (the PRM adapter's initialisation draws from the
+  same random stream before sampling), and GRPO's averaged 194 tokens against PRIME's 116 and QLoRA's 155, so
+  GRPO did more generation and policy work per step; per completion token PRIME cost more. Peak memory: PRIME
+  0.63x GRPO (GRPO's fused head scores every prompt position on CPU), QLoRA 1.08x LoRA (on CPU the 4-bit weights
+  are dequantized per matmul; the saving is a GPU one). Plain PRIME without sharing was not run at this length
+  within the time budget.
 - **Metrics.** Localisation is computed on the policy's own held-out samples (first 200 evaluation prompts x the
   evaluation samples) whose chain has a wrong step; ties (an untrained PRM gives every step reward 0) share the
   credit, so an uninformative PRM scores exactly the chance rate ``1 / written steps``. The held-out PRM pairwise
