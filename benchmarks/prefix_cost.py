@@ -8,7 +8,9 @@ For one model, prompt length and K, each round runs these variants, each in its 
 - ``prime``         `PRIMETrainer` without prefix sharing, and ``prime_shared`` with it (the default)
 - ``prime_qlora``   ``prime_shared`` on a 4-bit (nf4) base (only with --qlora)
 
-Step time is the wall time of an optimizer step after ``--warmup`` steps, split into generation, the reference
+Step time is the CPU time of the (single-threaded) run process over an optimizer step after ``--warmup`` steps: on
+a machine shared with other jobs, wall time measures the neighbours as much as the code, CPU time measures the work
+(the wall time is kept too, as ``step_wall_seconds``). The step is split into generation, the reference
 forward, the PRM update (its forward + backward + AdamW step) and the policy update (everything after scoring:
 the policy's forward + backward + optimizer step); peak memory is the process's peak RSS minus its RSS before the
 model was built.
@@ -20,7 +22,7 @@ extra time over outcome-only training (the trainer's whole PRIME scoring time pe
 process) divided by that floor; 1.0 would mean the implementation adds nothing beyond the two passes PRIME needs.
 
 Ratios between variants are taken within a round (adjacent runs) and summarised by median, min and max over
-rounds. The machine this ran on was shared with other jobs, so absolute seconds drift; the ratios are what to read.
+rounds.
 
     python benchmarks/prefix_cost.py --model demo --prompt long --k 4 --rounds 2
     python benchmarks/prefix_cost.py --model smollm2 --prompt long --k 4 --rounds 1 --steps 1
@@ -41,6 +43,7 @@ import time
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).parent / "results"
+clock = time.process_time  # CPU seconds of this process (every run is single-threaded); see the module docstring
 VARIANTS = ("grpo", "outcome", "outcome_shared", "prime", "prime_shared", "prime_qlora")
 # Model shapes: the demo model and the ~71M-parameter model of overhead.py (random weights, byte-level tokenizer),
 # and the real SmolLM2-135M-Instruct (its packaged GGUF, dequantized once to a local directory).
@@ -86,7 +89,7 @@ def smollm2_dir(cache: Path) -> Path:
 
 def prompts(kind: str, count: int = 64) -> list:
     """``short``: one-line arithmetic prompts (~15 tokens); ``long``: PRIME's system prompt + a GSM8K question in
-    chat form (the training prompt of the PRIME models; ~450 tokens with SmolLM2's tokenizer)."""
+    chat form (the training prompt of the PRIME models; ~190-260 tokens with SmolLM2's tokenizer)."""
     if kind == "short":
         return [f"Q:{i}+{i % 7}*3=?A:" for i in range(count)]
     from prime_trl.data import load_gsm8k
@@ -176,11 +179,11 @@ def worker(options: argparse.Namespace) -> dict:
 
     def timed(name: str, function):
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
+            start = clock()
             try:
                 return function(*args, **kwargs)
             finally:
-                timings[name] += time.perf_counter() - start
+                timings[name] += clock() - start
 
         return wrapper
 
@@ -200,12 +203,12 @@ def worker(options: argparse.Namespace) -> dict:
         original_log_probs = prm._log_probs
 
         def reference_timed(batch, adapter, share):
-            start = time.perf_counter()
+            start = clock()
             try:
                 return original_log_probs(batch, adapter, share)
             finally:
                 if adapter is None:
-                    timings["reference_forward"] += time.perf_counter() - start
+                    timings["reference_forward"] += clock() - start
 
         prm._log_probs = reference_timed
         original_update = timed("prm_update", prm.score_and_update)
@@ -216,17 +219,18 @@ def worker(options: argparse.Namespace) -> dict:
 
         prm.score_and_update = update
 
-    step_times, splits = [], []
+    step_times, wall_times, splits = [], [], []
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             for key in timings:
                 timings[key] = 0.0
-            self.start = time.perf_counter()
+            self.start, self.wall_start = clock(), time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step > options.warmup:
-                step_times.append(time.perf_counter() - self.start)
+                step_times.append(clock() - self.start)
+                wall_times.append(time.perf_counter() - self.wall_start)
                 splits.append(dict(timings))
 
     trainer.add_callback(StepClock())
@@ -244,6 +248,7 @@ def worker(options: argparse.Namespace) -> dict:
         "variant": variant,
         "base_parameters": sum(p.numel() for p in trainer.model.get_base_model().parameters()),
         "step_seconds": total,
+        "step_wall_seconds": statistics.median(wall_times),
         "peak_mem_mb": _rss_mb("VmHWM") - baseline_mb,
         "breakdown_seconds": breakdown,
         "mean_prompt_tokens": statistics.mean(prompt_tokens),
@@ -263,13 +268,13 @@ def floor_seconds(prm, batch, completion_log_probs) -> float:
     share = prm._share_prefix()
     best = float("inf")
     for _ in range(2):
-        start = time.perf_counter()
+        start = clock()
         for rows in torch.arange(len(batch)).split(prm.micro_batch_size):
             micro = batch.select(rows)
             prm._log_probs(micro, None, share)
             with torch.enable_grad(), prm._adapter(prm.adapter_name), prm.autocast():
                 completion_log_probs(prm.model, micro, prm.fused_log_probs, share).sum().backward()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
         prm.optimizer.zero_grad(set_to_none=True)
     return best
 
@@ -347,7 +352,9 @@ def main() -> None:
         "machine": f"{' '.join(platform.uname())}, {os.cpu_count()} CPUs shared with other jobs, runs single-threaded",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python benchmarks/prefix_cost.py " + " ".join(sys.argv[1:]),
+        "clock": "CPU seconds of each single-threaded run process (time.process_time)",
         "step_seconds": {v: summarise([r[v]["step_seconds"] for r in rounds]) for v in variants},
+        "step_wall_seconds": {v: summarise([r[v]["step_wall_seconds"] for r in rounds]) for v in variants},
         "peak_mem_mb": {v: summarise([r[v]["peak_mem_mb"] for r in rounds]) for v in variants},
         "breakdown_seconds": {
             v: {

@@ -4,7 +4,8 @@
     python benchmarks/run_all.py --skip learning grading
 
 In order: ``grading_throughput.py``, ``overhead.py --size demo --rounds 3``, ``overhead.py --size large --rounds 3
---qlora``, ``learning.py`` (resumable: finished runs are kept in ``benchmarks/results/learning_runs/``), and
+--qlora``, ``prefix_cost.py`` (demo and SmolLM2 at PRIME-prompt lengths, and the SmolLM2 step-time split with
+256-token completions), ``learning.py`` (resumable: finished runs are kept in ``benchmarks/results/learning_runs/``), and
 ``report.py`` (``BENCHMARKS.md``, ``benchmarks/results.json``). A benchmark that fails is reported and the
 others still run; the report uses whatever results exist. The exit code is 1 if anything failed.
 """
@@ -25,10 +26,41 @@ STEPS: dict[str, list[str]] = {
     "grading": ["grading_throughput.py", "--repeats", "3"],
     "overhead-demo": ["overhead.py", "--size", "demo", "--rounds", "3"],
     "overhead-large": ["overhead.py", "--size", "large", "--rounds", "3", "--qlora"],
+    "prefix-demo": ["prefix_cost.py", "--model", "demo", "--prompt", "long", "--k", "4", "--rounds", "1"],
+    "prefix-smollm2": ["prefix_cost.py", "--model", "smollm2", "--prompt", "long", "--k", "4", "--rounds", "1"],
+    "split-smollm2": [
+        "prefix_cost.py",
+        "--model",
+        "smollm2",
+        "--prompt",
+        "long",
+        "--k",
+        "4",
+        "--completion",
+        "256",
+        "--variants",
+        "grpo",
+        "prime",
+        "prime_shared",
+        "prime_qlora",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--name",
+        "split_smollm2_long_k4_c256",
+    ],
     "learning": ["learning.py"],
     "report": ["report.py"],
 }
-GROUPS = {"grading": ["grading"], "overhead": ["overhead-demo", "overhead-large"], "learning": ["learning"]}
+GROUPS = {
+    "grading": ["grading"],
+    "overhead": ["overhead-demo", "overhead-large"],
+    "prefix": ["prefix-demo", "prefix-smollm2", "split-smollm2"],
+    "learning": ["learning"],
+}
 
 logger = logging.getLogger("run_all")
 

@@ -20,10 +20,24 @@ torch.set_num_threads(1)
 GROUPS, K, PROMPT, COMPLETION = 3, 4, 14, 9
 
 
-@pytest.fixture
-def lora_model():
-    """A tiny Qwen2 with TRL's fused head and a non-zero LoRA adapter (so the adapter path matters)."""
+@pytest.fixture(params=["qwen2", "llama"])
+def lora_model(request):
+    """A tiny Qwen2 (or Llama, SmolLM2's architecture) with TRL's fused head and a non-zero LoRA adapter (so the
+    adapter path matters)."""
     model = build_model(build_tokenizer(), hidden_size=64, num_layers=2, seed=1)
+    if request.param == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=model.config.vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        torch.manual_seed(1)
+        model = LlamaForCausalLM(config)
     add_fused_lm_head(model, outputs=("log_probs", "entropy"))
     return get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
 
@@ -228,3 +242,32 @@ def test_training_with_sharing_matches_training_without(tiny_model_dir, tmp_path
         torch.testing.assert_close(shared[name], value, atol=1e-4, rtol=1e-3, msg=name)
         moved += int(value.abs().max() > 0)
     assert moved > 0
+
+
+def test_qlora_log_probs_and_gradients_agree(tmp_path, count_shared):
+    """On a 4-bit (nf4) base the shared and plain passes agree too (bitsandbytes' CPU path)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    from prime_trl.tiny import save_tiny_model
+    from prime_trl.trainer.quantization import protect_4bit_base
+
+    model_dir = save_tiny_model(tmp_path / "tiny", hidden_size=64)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization)
+    add_fused_lm_head(model)
+    model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    protect_4bit_base(model)
+    batch = grouped_batch()
+    with torch.no_grad():
+        plain = completion_log_probs(model, batch, fused=True)
+        shared = completion_log_probs(model, batch, fused=True, share_prefix=True)
+    torch.testing.assert_close(shared, plain, atol=1e-4, rtol=1e-4)
+    model.train()
+    plain_grads = lora_gradients(model, batch, share=False)
+    shared_grads = lora_gradients(model, batch, share=True)
+    assert count_shared and plain_grads
+    for name in plain_grads:
+        torch.testing.assert_close(shared_grads[name], plain_grads[name], atol=1e-4, rtol=1e-3, msg=name)
