@@ -161,6 +161,8 @@ def check_policy_adapter(model: PeftModel, owner: str) -> None:
             f"'{POLICY_ADAPTER}' as the policy. Load your policy adapter under the name '{POLICY_ADAPTER}'."
         )
     check_lora_config(model.peft_config[POLICY_ADAPTER], "policy")
+
+
 def check_new_prm_config(config: LoraConfig) -> None:
     """A new PRM adapter must start as the reference (eq. 1's r_t = 0 at step 0): LoRA's ``B`` initialised to 0."""
     if config.init_lora_weights is False:
