@@ -208,3 +208,63 @@ def test_leave_one_out_outcome_advantages_sum_to_zero_per_group(seed):
     adv = core.rloo_advantages(torch.zeros_like(mask), scores, mask, group_size, whiten=False)
     per_row = adv[:, 0]  # the outcome advantage is the same on every valid token of a row
     torch.testing.assert_close(per_row.view(groups, group_size).sum(-1), torch.zeros(groups, dtype=torch.float64))
+
+
+# ----- group membership: unscored (NaN) rows and masked (empty) rows are not members of their group ----------
+
+
+def test_rloo_leave_one_out_divides_by_members_minus_one():
+    # K=3, scores [1, 0, x]; row 2's completion is masked out (e.g. truncated with mask_truncated_completions).
+    # Members are rows 0 and 1: LOO over 2 members, divisor 1: [1 - 0, 0 - 1] = [1, -1]; row 2 gets nothing.
+    mask = t([[1, 1], [1, 0], [0, 0]])
+    adv = core.rloo_advantages(torch.zeros_like(mask), t([1.0, 0.0, 1.0]), mask, group_size=3, whiten=False)
+    torch.testing.assert_close(adv, t([[1.0, 1.0], [-1.0, 0.0], [0.0, 0.0]]))
+    # The same two rows as a group of their own give the same advantages.
+    alone = core.rloo_advantages(torch.zeros_like(mask[:2]), t([1.0, 0.0]), mask[:2], group_size=2, whiten=False)
+    torch.testing.assert_close(adv[:2], alone)
+    # A group with a single member has no baseline: zero advantage (process rewards included).
+    lone = core.rloo_advantages(t([[0.3, 0.1], [0, 0]]), t([1.0, 0.0]), t([[1, 1], [0, 0]]), 2, whiten=False)
+    assert torch.all(lone == 0)
+
+
+def test_grpo_prime_group_statistics_over_members_only():
+    process = t([[0.2, 0.4, 0.0], [0.6, 0.0, 0.0], [5.0, 5.0, 5.0]])
+    mask = t([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    adv = core.grpo_prime_advantages(process, t([1.0, 0.0, 7.0]), mask, group_size=3, eps=0.0)
+    two = core.grpo_prime_advantages(process[:2], t([1.0, 0.0]), mask[:2], group_size=2, eps=0.0)
+    torch.testing.assert_close(adv[:2], two)
+    assert torch.all(adv[2] == 0)
+
+
+def test_accuracy_filter_ignores_unscored_rows():
+    # group 0: [1, 0, NaN, NaN] -> 1 of 2 scored rows correct = 0.5 (kept); counting NaN as 0 would give 0.25
+    # group 1: all unscored -> nothing to learn from, dropped
+    scores = t([1, 0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan])
+    assert core.accuracy_filter(scores, 4, 0.3, 0.8).tolist() == [True, False]
+
+
+def test_prm_pairwise_accuracy_ignores_unscored_rows():
+    # only the pair (0, 1) is scored: d = 1, s = 0.4 -> agrees; pairs with the NaN row carry no weight
+    acc = core.prm_pairwise_accuracy(t([0.5, 0.1, -3.0]), t([1.0, 0.0, math.nan]), 3)
+    assert acc == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "rule, threshold, expected",
+    [
+        ("score", 0.5, [1.0, 0.0, 0.25, math.nan, 1.0, 0.0]),  # clamped to [0, 1]
+        ("threshold", 0.0, [1.0, 0.0, 1.0, math.nan, 1.0, 0.0]),  # 1 where score > threshold
+        # group 0 scored rows [3, -1, 0.25] mean 0.75; group 1 rows [2, -2, ...]: mean 0 -> [1, 0]
+        ("group_mean", 0.5, [1.0, 0.0, 0.0, math.nan, 1.0, 0.0]),
+    ],
+)
+def test_outcome_labels_rules(rule, threshold, expected):
+    scores = t([3.0, -1.0, 0.25, math.nan, 2.0, -2.0])
+    labels = core.outcome_labels(scores, 3, rule, threshold)
+    torch.testing.assert_close(labels, t(expected), equal_nan=True)
+
+
+def test_outcome_labels_group_mean_ties_are_not_correct():
+    # a group whose scores all tie carries no signal: all 0, which the accuracy filter then drops
+    labels = core.outcome_labels(t([4.0, 4.0, 4.0, 4.0]), 4, "group_mean", 0.5)
+    assert labels.tolist() == [0.0, 0.0, 0.0, 0.0]

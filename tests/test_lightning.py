@@ -347,7 +347,13 @@ def test_policy_log_probs_use_sampling_temperature_prm_does_not(tiny_model_dir):
         actual = module._policy_log_probs(batch)
     mask = batch.completion_mask.bool()
     torch.testing.assert_close(actual[mask], expected[mask], rtol=1e-5, atol=1e-5)
-    assert module.prm.fused_log_probs is False  # the fused head carries T=0.5; the PRM must score at T=1
+    # The policy's fused head carries T=0.5; the PRM and the reference score at T=1, through a fused head too.
+    assert module.prm.fused_log_probs
+    with torch.no_grad(), module.model.disable_adapter():
+        reference = module.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    reference = reference[:, -batch.completion_ids.shape[1] - 1 : -1].log_softmax(-1)
+    reference = reference.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(module.prm.score(batch).ref_logps[mask], reference[mask], rtol=1e-5, atol=1e-5)
 
 
 def test_config_mapping_and_validation():

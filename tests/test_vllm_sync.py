@@ -158,3 +158,25 @@ def test_exported_dir_is_a_peft_adapter(two_adapter_model, tmp_path, monkeypatch
     sync.sync()
     config = LoraConfig.from_pretrained(str(Path(tmp_path) / "v1"))
     assert config.r == 4 and config.inference_mode
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_lora_sync_with_several_processes_has_one_writer(two_adapter_model, tmp_path, monkeypatch, main):
+    """Every process syncs together; only the main one writes or deletes exports, and all wait for the write."""
+    monkeypatch.setattr(vllm_sync, "make_lora_request", lambda *args: args)
+    events = []
+    sync = vllm_sync.LoRAAdapterSync(
+        two_adapter_model,
+        tmp_path,
+        keep=1,
+        is_main_process=main,
+        wait_for_everyone=lambda: events.append(("wait", (tmp_path / f"v{sync.version}").is_dir())),
+    )
+    if not main:  # what the main process wrote earlier must survive a non-main process's sync
+        (tmp_path / "v1").mkdir()
+    sync.sync()
+    sync.sync()
+    # The main process has written the export by the time everyone waits; the others never write.
+    assert events == [("wait", True), ("wait", main)]  # v1: written by main (here or before); v2: by main only
+    assert (tmp_path / "v1").is_dir() != main  # stale export removed by the main process only
+    assert sync.request[2] == tmp_path / "v2"

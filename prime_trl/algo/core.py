@@ -7,6 +7,10 @@ Shapes follow docs/algorithm.md section 1:
 - ``prm_logps`` / ``ref_logps`` ``[B, T]``: log-probs of the sampled tokens under the PRM adapter and under the
   reference (adapters disabled), both at temperature 1.
 - ``scores[B]``: verifier outcome scores in ``[0, 1]``.
+- Group membership: a row is a member of its group iff its ``mask`` row is non-empty (and, for scores/labels, iff
+  its value is not NaN). Non-members (rows no verifier scored, completions masked by
+  ``mask_truncated_completions``, rows of filtered groups) are left out of every group statistic: leave-one-out
+  baselines divide by ``members - 1``, group means and stds run over members only, and they get zero advantage.
 
 Equation numbers ``(N)`` refer to docs/algorithm.md, which also gives the paper's own numbers (Cui et al.,
 "Process Reinforcement through Implicit Rewards", arXiv:2502.01456). Where the official code (PRIME-RL/PRIME) and
@@ -31,6 +35,7 @@ __all__ = [
     "reinforce_prime_advantages",
     "clipped_policy_loss",
     "accuracy_filter",
+    "outcome_labels",
     "prm_pairwise_accuracy",
 ]
 
@@ -195,16 +200,32 @@ def _group_sums(per_row: torch.Tensor, group_size: int) -> torch.Tensor:
     return sums.expand(-1, group_size).reshape(-1)
 
 
-def _leave_one_out(values: torch.Tensor, source_mask: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Official-code leave-one-out (eq. 6): ``(K * u_t - S_g) / (K - 1)`` on the source mask, 0 elsewhere.
+def _members(mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` 1.0 for rows that are members of their group (non-empty mask), else 0.0."""
+    return (mask.sum(-1) > 0).to(mask.dtype)
 
-    ``S_g`` is the group sum of per-row means. For a one-hot outcome source this is exactly RLOO,
-    ``a_i - mean_{j != i} a_j``; for process rewards it differs from the paper's leave-one-out by ``K / (K - 1)`` on each
-    token's deviation from its row mean (we follow the code).
+
+def _leave_one_out(values: torch.Tensor, source_mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Official-code leave-one-out (eq. 6): ``(n_g * u_t - S_g) / (n_g - 1)`` on the source mask, 0 elsewhere.
+
+    ``S_g`` is the group sum of per-row means and ``n_g`` the number of members of the group (rows with a
+    non-empty source mask; ``K`` when nothing is masked out). For a one-hot outcome source this is exactly RLOO,
+    ``a_i - mean_{j != i} a_j`` over the members; for process rewards it differs from the paper's leave-one-out by
+    ``n_g / (n_g - 1)`` on each token's deviation from its row mean (we follow the code). A group with fewer than
+    two members has no baseline and gets 0.
     """
-    k = group_size
-    group_sum = _group_sums(_row_means(values, source_mask), k).unsqueeze(-1)
-    return (k * values - group_sum) / (k - 1) * source_mask
+    members = _group_sums(_members(source_mask), group_size).unsqueeze(-1)
+    group_sum = _group_sums(_row_means(values, source_mask), group_size).unsqueeze(-1)
+    loo = (members * values - group_sum) / (members - 1).clamp(min=1)
+    return torch.where(members > 1, loo, torch.zeros_like(loo)) * source_mask
+
+
+def _member_mean_std(values: torch.Tensor, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group mean and unbiased std of ``values`` ``[G, K]`` over ``members`` ``[G, K]`` (0/1), each ``[G, 1]``."""
+    count = members.sum(-1, keepdim=True)
+    mean = (values * members).sum(-1, keepdim=True) / count.clamp(min=1)
+    var = (((values - mean) * members) ** 2).sum(-1, keepdim=True) / (count - 1).clamp(min=1)
+    return mean, var.sqrt()
 
 
 def _check_groups(batch_rows: int, group_size: int, minimum: int) -> None:
@@ -273,11 +294,14 @@ def grpo_prime_advantages(
     Shapes as in :func:`rloo_advantages`; returns ``[B, T]``.
     """
     _check_groups(mask.shape[0], group_size, minimum=2)
-    grouped_scores = scores.to(mask.dtype).view(-1, group_size)
-    outcome = (grouped_scores - grouped_scores.mean(-1, keepdim=True)) / (grouped_scores.std(-1, keepdim=True) + eps)
+    members = _members(mask).view(-1, group_size)  # means and stds over each group's members only
+    grouped_scores = torch.nan_to_num(scores.to(mask.dtype)).view(-1, group_size)
+    score_mean, score_std = _member_mean_std(grouped_scores, members)
+    outcome = (grouped_scores - score_mean) / (score_std + eps)
+    outcome = torch.where(members.sum(-1, keepdim=True) > 1, outcome, torch.zeros_like(outcome))
     masked_process = process_rewards * mask
     row_means = _row_means(masked_process, mask).view(-1, group_size)
-    process_std = row_means.std(-1, keepdim=True).expand(-1, group_size).reshape(-1, 1)
+    process_std = _member_mean_std(row_means, members)[1].expand(-1, group_size).reshape(-1, 1)
     process = _leave_one_out(masked_process, mask, group_size) / (process_std + eps)
     advantages = process_coef * discounted_returns(process, gamma) + outcome_coef * outcome.reshape(-1, 1) * mask
     return masked_whiten(advantages, mask) if whiten else advantages * mask
@@ -297,7 +321,8 @@ def reinforce_prime_advantages(
     Shapes as in :func:`rloo_advantages` (no grouping needed); returns ``[B, T]``.
     """
     process = discounted_returns(process_rewards * mask, gamma)
-    advantages = process_coef * process + outcome_coef * scores.to(mask.dtype).unsqueeze(-1) * mask
+    outcome = torch.nan_to_num(scores.to(mask.dtype)).unsqueeze(-1)
+    advantages = process_coef * process + outcome_coef * outcome * mask
     return masked_whiten(advantages, mask) if whiten else advantages * mask
 
 
@@ -340,10 +365,47 @@ def clipped_policy_loss(
 
 
 def accuracy_filter(scores: torch.Tensor, group_size: int, low: float, high: float) -> torch.Tensor:
-    """PRIME's online prompt filter (eq. 10): keep group ``g`` iff ``low <= mean(scores of g) <= high``. Returns ``bool[G]``."""
+    """PRIME's online prompt filter (eq. 10): keep group ``g`` iff ``low <= mean(scores of g) <= high``. Returns
+    ``bool[G]``.
+
+    The mean runs over the group's members: NaN scores (rows no verifier scored, or masked out) are left out, and a
+    group without any member is dropped."""
     _check_groups(scores.shape[0], group_size, minimum=1)
-    group_mean = scores.view(-1, group_size).float().mean(-1)
-    return (group_mean >= low) & (group_mean <= high)
+    grouped = scores.view(-1, group_size).float()
+    members = ~torch.isnan(grouped)
+    count = members.sum(-1)
+    group_mean = torch.where(members, grouped, torch.zeros_like(grouped)).sum(-1) / count.clamp(min=1)
+    return (count > 0) & (group_mean >= low) & (group_mean <= high)
+
+
+OUTCOME_LABEL_RULES = ("score", "threshold", "group_mean")
+
+
+def outcome_labels(scores: torch.Tensor, group_size: int, rule: str, threshold: float = 0.5) -> torch.Tensor:
+    """The PRM's outcome labels (eq. 3's ``y``) and the accuracy filter's input, from verifier scores ``[B]``.
+
+    Rules (NaN scores, i.e. rows no verifier scored, stay NaN):
+
+    - ``"score"``: the score itself clamped to ``[0, 1]`` (soft labels; binary verifiers give 0/1).
+    - ``"threshold"``: 1 where ``score > threshold``, else 0 (e.g. ``threshold=0`` for -1/+1 rewards).
+    - ``"group_mean"``: 1 where the score is above the mean of its group's scored rows, else 0. Works for any
+      scale (length rewards, reward-model logits, -1/+1); a group whose scores all tie carries no signal and is
+      all 0, which the accuracy filter then drops.
+    """
+    if rule == "score":
+        return scores.clamp(0.0, 1.0)
+    if rule == "threshold":
+        labels = (scores > threshold).to(scores.dtype)
+    elif rule == "group_mean":
+        _check_groups(scores.shape[0], group_size, minimum=1)
+        grouped = scores.view(-1, group_size)
+        scored = ~torch.isnan(grouped)
+        filled = torch.where(scored, grouped, torch.zeros_like(grouped))
+        mean = filled.sum(-1, keepdim=True) / scored.sum(-1, keepdim=True).clamp(min=1)
+        labels = (grouped > mean).to(scores.dtype).view(-1)
+    else:
+        raise ValueError(f"outcome label rule {rule!r} is not one of {OUTCOME_LABEL_RULES}")
+    return torch.where(torch.isnan(scores), scores, labels)
 
 
 def prm_pairwise_accuracy(seq_rewards: torch.Tensor, scores: torch.Tensor, group_size: int) -> float:
@@ -363,7 +425,7 @@ def prm_pairwise_accuracy(seq_rewards: torch.Tensor, scores: torch.Tensor, group
     score_diff = outcomes.unsqueeze(-1) - outcomes.unsqueeze(-2)  # [G, K, K], d[j, k] = a_j - a_k
     reward_diff = rewards.unsqueeze(-1) - rewards.unsqueeze(-2)
     upper = torch.triu(torch.ones(group_size, group_size, dtype=torch.bool, device=scores.device), diagonal=1)
-    weight = score_diff.abs() * upper
+    weight = torch.nan_to_num(score_diff.abs(), nan=0.0) * upper  # pairs with an unscored (NaN) row: no weight
     agrees = ((reward_diff > 0) == (score_diff > 0)).double()
     total = weight.sum(dim=(-1, -2))
     per_group = torch.where(total > 0, (weight * agrees).sum(dim=(-1, -2)) / total.clamp(min=1e-12), 0.5)

@@ -102,8 +102,25 @@ def completion_log_probs(
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
         return outputs.log_probs[:, -num_completion:].float()
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=num_completion + 1).logits
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return log_probs.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    # Row by row: a float32 log-softmax of one row at a time, never of the whole [B, T, vocab] logits.
+    rows = zip(logits[:, :-1], batch.completion_ids, strict=True)
+    return torch.stack([row.float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1) for row, ids in rows])
+
+
+def fused_log_probs_at_temperature_one(model: PeftModel, cast_lm_head_to_fp32: bool = False) -> Callable:
+    """A forward of ``model``'s base with TRL's fused (chunked) LM head at temperature 1, for PRM and reference
+    log-probs when the base's own fused head (the policy's) divides by a sampling temperature != 1.
+
+    The base keeps its current forward; the returned one is used only where passed (``log_prob_model``). LoRA
+    layers live in the modules, so the adapter selected around a call (`use_adapter`) applies to either forward."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    base = model.get_base_model()
+    policy_forward = base.forward
+    add_fused_lm_head(base, temperature=1.0, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
+    temperature_one_forward = base.forward
+    base.forward = policy_forward
+    return temperature_one_forward
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -144,6 +161,16 @@ def check_policy_adapter(model: PeftModel, owner: str) -> None:
             f"'{POLICY_ADAPTER}' as the policy. Load your policy adapter under the name '{POLICY_ADAPTER}'."
         )
     check_lora_config(model.peft_config[POLICY_ADAPTER], "policy")
+
+
+def check_new_prm_config(config: LoraConfig) -> None:
+    """A new PRM adapter must start as the reference (eq. 1's r_t = 0 at step 0): LoRA's ``B`` initialised to 0."""
+    if config.init_lora_weights is False:
+        raise ValueError(
+            "The PRM LoraConfig sets init_lora_weights=False, which initialises both LoRA matrices randomly: the PRM "
+            "would differ from the reference at step 0 and its implicit rewards would start as noise. Use "
+            "init_lora_weights=True (or 'gaussian'), or pass a trained PRM adapter directory as prm=."
+        )
 
 
 def default_prm_lora_config(
@@ -204,6 +231,7 @@ def add_prm_adapter(
         path = None
         config = prm if prm is not None else default_config
         check_lora_config(config, "PRM")
+        check_new_prm_config(config)
         if config.lora_dropout:
             logger.warning(
                 "The PRM LoraConfig has lora_dropout=%s; implicit rewards will be noisy. PRIME uses 0.",
@@ -237,6 +265,7 @@ def make_implicit_prm(
     *,
     fused_log_probs: bool,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    log_prob_model: Callable | None = None,
 ) -> ImplicitPRM:
     """The online PRM for the adapter ``config.prm_adapter_name`` on ``host``, configured by the same-named
     fields of a `PRIMESettings` (`PRIMEConfig` or the Lightning module's config). Both frameworks build it here;
@@ -260,6 +289,7 @@ def make_implicit_prm(
         fused_log_probs=fused_log_probs,
         autocast=autocast,
         share_prompt_prefix=getattr(config, "share_prompt_prefix", False),
+        log_prob_model=log_prob_model,
     )
 
 
@@ -324,11 +354,13 @@ class ImplicitPRM:
         micro_batch_size: rows per forward / backward.
         num_mini_batches: PRM optimizer steps per call of `score_and_update`.
         max_grad_norm: clip of the PRM gradient norm.
-        fused_log_probs: whether ``model`` carries TRL's fused LM head at temperature 1.
+        fused_log_probs: whether ``model`` (or ``log_prob_model``) carries TRL's fused LM head at temperature 1.
         autocast: factory of the mixed-precision context used for every forward.
         share_prompt_prefix: score each distinct prompt of a micro-batch once, its rows sharing its key/value
             states (`prime_trl.algo.prefix`), where the model supports it; the reference and the PRM always take
             the same path, so their log-probs stay exactly equal while the PRM equals the reference.
+        log_prob_model: the forward that computes log-probs, when it is not ``model`` itself (e.g. a fused head at
+            temperature 1 on ``model``'s base while the policy's own head divides by the sampling temperature).
     """
 
     def __init__(
@@ -345,8 +377,10 @@ class ImplicitPRM:
         fused_log_probs: bool = False,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
         share_prompt_prefix: bool = False,
+        log_prob_model: Callable | None = None,
     ):
         self.model = model
+        self.log_prob_model = log_prob_model if log_prob_model is not None else model
         self.adapter_name = adapter_name
         self.beta = beta
         self.loss_type = loss_type
@@ -374,9 +408,13 @@ class ImplicitPRM:
         total_steps: int | None = None,
     ) -> None:
         """AdamW over the PRM adapter only, plus a transformers learning-rate schedule."""
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        self.create_scheduler(scheduler_type, warmup_steps, total_steps)
+
+    def create_scheduler(self, scheduler_type: str = "constant", warmup_steps: int = 0, total_steps: int | None = None):
+        """A fresh learning-rate schedule on the existing optimizer (e.g. for a second training run)."""
         from transformers import get_scheduler
 
-        self.optimizer = torch.optim.AdamW(self.parameters(), lr=learning_rate, weight_decay=weight_decay)
         self.scheduler = get_scheduler(
             scheduler_type, self.optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps
         )
@@ -412,11 +450,13 @@ class ImplicitPRM:
     def _log_probs(self, batch: CompletionBatch, adapter: str | None, share_prefix: bool) -> torch.Tensor:
         """Completion log-probs under ``adapter`` (``None``: adapters disabled = reference), no gradient."""
         with torch.no_grad(), self._adapter(adapter), self.autocast():
-            return completion_log_probs(self.model, batch, self.fused_log_probs, share_prefix)
+            return completion_log_probs(self.log_prob_model, batch, self.fused_log_probs, share_prefix)
 
     def _share_prefix(self) -> bool:
         """Whether this call's passes share prompt prefixes. Decided once per call for the reference and the PRM
         together (for the gradient pass when there is one), so both take the same path (docs/algorithm.md, easy-to-get-wrong 5)."""
+        if self.log_prob_model is not self.model:  # a separate temperature-1 forward: plain passes only
+            return False
         needs_grad = self.update_mode != "none"
         return prefix.sharing_enabled(self.model, self.share_prompt_prefix, needs_grad, "PRM and reference passes")
 
@@ -495,7 +535,7 @@ class ImplicitPRM:
                 # Forward and backward both inside the adapter context: with gradient checkpointing the backward
                 # re-runs the forward, and it must see the PRM adapter active (docs/algorithm.md, easy-to-get-wrong 7).
                 with torch.enable_grad(), self._adapter(self.adapter_name), self.autocast():
-                    prm_logps = completion_log_probs(self.model, micro, self.fused_log_probs, share)
+                    prm_logps = completion_log_probs(self.log_prob_model, micro, self.fused_log_probs, share)
                     if rows is None:  # placeholder pass (sharded parameters): join the collectives, add nothing
                         (prm_logps.sum() * 0).backward()
                         continue
@@ -558,8 +598,15 @@ class ImplicitPRM:
         all_groups = distributed.gather_rows(group_ids)
         same_group = group_ids.unsqueeze(-1) == all_groups.unsqueeze(0)  # [N, N_global]
         group_size = int(same_group.sum(-1).max()) if len(group_ids) else 0
-        # Members of a group are the same for each of its rows; stack them as [N, K] (groups are complete).
-        members = [torch.nonzero(row).squeeze(-1)[:group_size] for row in same_group]
+        # Stack each row's group members as [N, K]. A group may have fewer trained rows than K (unscored or masked
+        # rows are left out): pad with a sentinel member whose NaN label makes it nobody's opponent.
+        sentinel = len(all_ratios)
+        all_ratios = torch.cat([all_ratios, all_ratios.new_zeros(1)])
+        all_labels = torch.cat([all_labels, all_labels.new_full((1,), float("nan"))])
+        members = []
+        for row in same_group:
+            found = torch.nonzero(row).squeeze(-1)
+            members.append(torch.cat([found, found.new_full((group_size - len(found),), sentinel)]))
         index = torch.stack(members) if members else torch.zeros(0, group_size, dtype=torch.long)
         return all_ratios[index], all_labels[index]
 

@@ -22,6 +22,7 @@ PRM_LOSS_TYPES = ("ce", "dpo")
 PROCESS_REWARD_NORMS = ("batch", "none")
 ADVANTAGE_ESTIMATORS = ("rloo", "grpo", "reinforce")
 RESERVED_ADAPTER_NAMES = ("default", "ref")
+OUTCOME_LABELS = ("auto", "score", "threshold", "group_mean")
 
 
 @dataclass
@@ -123,9 +124,26 @@ class PRIMESettings:
     verifier: str | None = field(
         default=None,
         metadata={
-            "help": "Name (or index) of the reward function whose scores in [0, 1] are the PRM's outcome labels and "
-            "drive the accuracy filter. Default: the first reward function."
+            "help": "Name (or index) of the reward function whose scores become the PRM's outcome labels (see "
+            "`outcome_label`) and drive the accuracy filter; several comma-separated names for TRL's multi-task "
+            "pattern (one reward function per task, None on the other task's rows): a row's score is that of the "
+            "first one that scored it. A row no verifier scored is left out of the PRM loss, the filter and the "
+            "baselines, and gets zero advantage. Default: the first reward function."
         },
+    )
+    outcome_label: str = field(
+        default="auto",
+        metadata={
+            "help": "How a verifier score becomes the PRM's outcome label (and the accuracy filter's input): 'score' "
+            "(the score clamped to [0, 1]; soft labels allowed), 'threshold' (1 if score > outcome_label_threshold, "
+            "else 0), 'group_mean' (1 if the score is above its group's mean, else 0: for length rewards, "
+            "reward-model logits, -1/+1), or 'auto' ('score' while every score lies in [0, 1], else 'group_mean'; "
+            "PRIMETrainer keeps 'group_mean' for the rest of the run from the first such batch, with a warning)."
+        },
+    )
+    outcome_label_threshold: float = field(
+        default=0.5,
+        metadata={"help": "Threshold of outcome_label='threshold' (e.g. 0.0 for -1/+1 rewards)."},
     )
     advantage_estimator: str = field(
         default="rloo",
@@ -206,6 +224,7 @@ def validate_prime_settings(settings: Any) -> None:
     one_of("prm_loss_type", PRM_LOSS_TYPES)
     one_of("process_reward_norm", PROCESS_REWARD_NORMS)
     one_of("advantage_estimator", ADVANTAGE_ESTIMATORS)
+    one_of("outcome_label", OUTCOME_LABELS)
     if settings.prime_beta <= 0:
         raise ValueError(f"prime_beta={settings.prime_beta} must be > 0 (PRIME uses 0.05).")
     if (

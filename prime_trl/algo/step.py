@@ -8,6 +8,7 @@ rewards, normalisation and per-token advantages. `PRIMETrainer` (TRL) and `PRIME
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,20 +21,41 @@ from prime_trl.algo.settings import PRIMESettings
 
 @dataclass
 class PRIMEStep:
-    """What one PRIME step gives the policy update: per-token advantages and the step's metrics."""
+    """What one PRIME step gives the policy update: per-token advantages, which rows train, and the step's metrics."""
 
     advantages: torch.Tensor  # [B_local, T_local] for this process's rows
     metrics: dict[str, float]
+    token_rewards: torch.Tensor  # [B_local, T_local] implicit rewards before normalisation (0 on rows not scored)
+    kept: torch.Tensor  # [B_local] bool: rows that train (scored, not masked out, in a kept group)
 
 
-def labels_and_outcome(
-    rewards_per_func: torch.Tensor, verifier_index: int, reward_weights: torch.Tensor
+def verifier_scores_and_outcome(
+    rewards_per_func: torch.Tensor, verifier_indices: int | Sequence[int], reward_weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """From TRL's ``rewards_per_func`` ``[B, n_funcs]`` (NaN where a function gave None): the PRM labels (the
-    verifier's scores, clamped to ``[0, 1]``) and the outcome reward (TRL's weighted sum of all functions)."""
-    labels = torch.nan_to_num(rewards_per_func[:, verifier_index], nan=0.0).clamp(0.0, 1.0)
+    """From TRL's ``rewards_per_func`` ``[B, n_funcs]`` (NaN where a function gave None): each row's verifier score
+    and its outcome reward (TRL's weighted sum of all functions, None counting as 0).
+
+    With several verifiers (TRL's multi-task pattern: one reward function per task, each None on the other
+    task's rows) a row's score is that of the first verifier, in the given order, that scored it. A row no
+    verifier scored gets NaN: `prime_step` leaves it out of the PRM loss, the filter and the baselines.
+    """
+    indices = [verifier_indices] if isinstance(verifier_indices, int) else list(verifier_indices)
+    scores = torch.full_like(rewards_per_func[:, 0], float("nan"))
+    for index in reversed(indices):  # the first verifier that scored a row wins
+        column = rewards_per_func[:, index]
+        scores = torch.where(torch.isnan(column), scores, column)
     outcome = (rewards_per_func * reward_weights.to(rewards_per_func.device)).nansum(dim=1)
-    return labels, outcome
+    return scores, outcome
+
+
+def label_rule(settings: PRIMESettings, scores: torch.Tensor) -> str:
+    """The `core.outcome_labels` rule for a batch: ``settings.outcome_label``, with ``"auto"`` meaning ``"score"``
+    while every (non-NaN) score lies in ``[0, 1]`` and ``"group_mean"`` otherwise."""
+    if settings.outcome_label != "auto":
+        return settings.outcome_label
+    scored = scores[~torch.isnan(scores)]
+    inside = scored.numel() == 0 or bool(((scored >= 0) & (scored <= 1)).all())
+    return "score" if inside else "group_mean"
 
 
 def prime_step(
@@ -51,11 +73,17 @@ def prime_step(
     Args:
         prm: the implicit PRM (may be ``None`` only when ``settings.uses_prm`` is false).
         batch: this process's ``B_local`` rows; process ``p`` holds global rows ``p*B_local .. (p+1)*B_local-1``.
-        labels: ``[B_global]`` verifier scores in ``[0, 1]`` of every process's rows (PRM labels, filter input).
+        labels: ``[B_global]`` verifier scores of every process's rows, NaN where no verifier scored the row; they
+            become the PRM's outcome labels and the filter's input through ``settings.outcome_label``
+            (`core.outcome_labels`).
         outcome: ``[B_global]`` outcome rewards for the advantages.
         settings: the algorithm's knobs.
         group_size: ``K``; rows of a group are contiguous in the global order.
         train: update the PRM and apply the accuracy filter (evaluation does neither).
+
+    A row is a member of its group when a verifier scored it and its completion mask is not empty (TRL empties it
+    for truncated rows with ``mask_truncated_completions=True``). Non-members are left out of the PRM loss, of the
+    filter's group accuracy and of the baselines (divisor ``members - 1``), and get zero advantage.
 
     Every process must call this together.
     """
@@ -63,6 +91,17 @@ def prime_step(
     num_local = len(batch)
     local_rows = slice(distributed.rank() * num_local, (distributed.rank() + 1) * num_local)
     metrics: dict[str, float] = {}
+    all_mask = distributed.gather_rows(batch.completion_mask.float())
+    unscored = torch.isnan(labels)
+    members = ~unscored & (all_mask.sum(-1) > 0)
+    labels = core.outcome_labels(
+        labels.masked_fill(~members, float("nan")),
+        group_size,
+        label_rule(settings, labels),
+        settings.outcome_label_threshold,
+    )
+    metrics["prime/unscored_rows"] = float(unscored.sum())
+    metrics["prime/masked_rows"] = float((~unscored & ~members).sum())
 
     # Step 3, accuracy filter: whole groups in or out; filtered rows train neither the PRM nor the policy.
     if settings.accuracy_filter and train:
@@ -71,7 +110,7 @@ def prime_step(
         )
     else:
         kept_groups = torch.ones(labels.shape[0] // group_size, dtype=torch.bool, device=device)
-    kept_rows = kept_groups.repeat_interleave(group_size)
+    kept_rows = kept_groups.repeat_interleave(group_size) & members
     metrics["filter/pass_rate"] = kept_groups.float().mean().item()
 
     # Steps 4-5: reference and PRM log-probs, and the online PRM update, on this process's kept rows.
@@ -91,20 +130,21 @@ def prime_step(
 
     # Step 6 on the global batch, so that groups split over processes and the whitening see every row.
     all_rewards = distributed.gather_rows(token_rewards)
-    mask = distributed.gather_rows(batch.completion_mask.float()) * kept_rows.unsqueeze(-1)
+    mask = all_mask * kept_rows.unsqueeze(-1)
     metrics.update(_reward_metrics(all_rewards, mask, labels, kept_rows, group_size))
+    kept_here = kept_rows[local_rows]
     if mask.sum() == 0:  # every group filtered out: nothing to learn from this batch
-        return PRIMEStep(torch.zeros_like(token_rewards), metrics)
+        return PRIMEStep(torch.zeros_like(token_rewards), metrics, token_rewards, kept_here)
     if group_size < 2 and settings.advantage_estimator != "reinforce":
         # Only evaluation can get here (num_generations_eval=1): no baseline exists, and the eval loss is a
         # by-product anyway; the PRM metrics above are what evaluation is for.
-        return PRIMEStep(torch.zeros_like(token_rewards), metrics)
+        return PRIMEStep(torch.zeros_like(token_rewards), metrics, token_rewards, kept_here)
     if settings.process_reward_norm == "batch":
         process_rewards = core.normalize_process_rewards(all_rewards, mask)
     else:
         process_rewards = all_rewards * mask
     advantages = estimate_advantages(process_rewards, outcome, mask, group_size, settings)
-    return PRIMEStep(advantages[local_rows, : batch.completion_mask.shape[1]], metrics)
+    return PRIMEStep(advantages[local_rows, : batch.completion_mask.shape[1]], metrics, token_rewards, kept_here)
 
 
 # Former name (deprecated): the step also updates the PRM, which the name hid.
@@ -150,7 +190,11 @@ def _reward_metrics(
     if not kept_rows.any():
         return {}
     seq_rewards = token_rewards.sum(-1)
-    metrics = {"prm/accuracy": core.prm_pairwise_accuracy(seq_rewards[kept_rows], labels[kept_rows], group_size)}
+    kept_groups = kept_rows.view(-1, group_size).any(-1).repeat_interleave(group_size)
+    member_labels = labels.masked_fill(~kept_rows, float("nan"))  # non-members count in no pair
+    metrics = {
+        "prm/accuracy": core.prm_pairwise_accuracy(seq_rewards[kept_groups], member_labels[kept_groups], group_size)
+    }
     for name, rows in (("correct", kept_rows & (labels >= 0.5)), ("wrong", kept_rows & (labels < 0.5))):
         if rows.any():
             metrics[f"prm/seq_reward_{name}/mean"] = seq_rewards[rows].mean().item()

@@ -67,18 +67,19 @@ from prime_trl.algo.prm import (
     check_lora_config,
     check_policy_adapter,
     completion_log_probs,
+    fused_log_probs_at_temperature_one,
     make_implicit_prm,
     save_adapter,
 )
 from prime_trl.algo.rollout import cut_at_first_eos, left_padded_prompts, pad_and_eos_token_ids, prompt_token_ids
 from prime_trl.algo.settings import PRIMESettings
-from prime_trl.algo.step import PRIMEStep, labels_and_outcome
+from prime_trl.algo.step import PRIMEStep, verifier_scores_and_outcome
 
 # The reward-function guard and the dataset check are PRIMETrainer's, shared rather than copied.
 from prime_trl.rewards.reward_funcs import (
     check_dataset_columns,
     guard_reward_function,
-    resolve_verifier,
+    resolve_verifiers,
     reward_func_list,
 )
 from prime_trl.trainer.prime_config import PRIMEConfig
@@ -223,7 +224,7 @@ class PRIMEModule(pl.LightningModule):
                 f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions."
             )
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
-        self.verifier_index = resolve_verifier(self.reward_func_names, config.verifier)
+        self.verifier_indices = resolve_verifiers(self.reward_func_names, config.verifier)
 
         self.model = self._build_policy(model, peft_config, model_init_kwargs or {})
         self.tokenizer = self._build_tokenizer(tokenizer)
@@ -301,8 +302,9 @@ class PRIMEModule(pl.LightningModule):
         """The PRM adapter on the policy's base and its online update, built as `PRIMETrainer` builds them."""
         config = self.config
         attach_prm_adapter(self.model, config, prm)
-        # The fused head carries the sampling temperature; PRIME's log-probs are at temperature 1.
-        return make_implicit_prm(self.model, config, fused_log_probs=config.temperature == 1.0)
+        # The policy's fused head carries the sampling temperature; PRIME's log-probs are at temperature 1.
+        temperature_one = None if config.temperature == 1.0 else fused_log_probs_at_temperature_one(self.model)
+        return make_implicit_prm(self.model, config, fused_log_probs=True, log_prob_model=temperature_one)
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
         return adapter_parameters(self.model, POLICY_ADAPTER)
@@ -448,9 +450,9 @@ class PRIMEModule(pl.LightningModule):
         Returns:
             `PRIMEStep` with ``advantages [B_local, T]`` and the step's metrics. Every process must call this together.
         """
-        labels, outcome = labels_and_outcome(rewards_per_func, self.verifier_index, self.reward_weights)
+        scores, outcome = verifier_scores_and_outcome(rewards_per_func, self.verifier_indices, self.reward_weights)
         return algo_step.prime_step(
-            self.prm, batch, labels, outcome, self.settings, self.config.num_generations, train=train
+            self.prm, batch, scores, outcome, self.settings, self.config.num_generations, train=train
         )
 
     compute_advantages = prime_step  # deprecated: the step also updates the PRM, which the name hid

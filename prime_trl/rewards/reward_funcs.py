@@ -19,6 +19,7 @@ __all__ = [
     "guard_reward_function",
     "reward_func_list",
     "resolve_verifier",
+    "resolve_verifiers",
 ]
 
 # Keyword arguments TRL itself passes to every reward function (the rest are dataset columns).
@@ -54,6 +55,13 @@ def resolve_verifier(reward_func_names: list[str], verifier: str | None) -> int:
     if verifier in reward_func_names:
         return reward_func_names.index(verifier)
     raise ValueError(f"verifier={verifier!r} is not one of the reward functions {reward_func_names} (name or index).")
+
+
+def resolve_verifiers(reward_func_names: list[str], verifier: str | None) -> list[int]:
+    """Indices of the verifiers: ``None`` -> ``[0]``, else comma-separated names or indices (see `resolve_verifier`)."""
+    if verifier is None:
+        return [0]
+    return [resolve_verifier(reward_func_names, part.strip()) for part in verifier.split(",")]
 
 
 def check_dataset_columns(dataset, name: str, reward_funcs: list) -> None:

@@ -56,7 +56,18 @@ class PRIMEConfig(PRIMESettings, GRPOConfig):
         default=True,
         metadata={
             "help": "When training stops on an exception (or Ctrl-C) in a single process, write a checkpoint of "
-            "the last completed step before re-raising, so no finished work is lost."
+            "the last completed step before re-raising, so no finished work is lost. An existing checkpoint is "
+            "never rewritten; a PRM update made for the unfinished step is rolled back first (this keeps a CPU copy "
+            "of the PRM adapter and its optimizer state from before each update)."
+        },
+    )
+    log_token_rewards: bool = field(
+        default=False,
+        metadata={
+            "help": "With log_completions=True, also log each completion's per-token implicit rewards: a "
+            "'token_rewards' column in the completions table / parquet, and a coloured token heat map "
+            "(completions/token_rewards_<step>.html, and to Weights & Biases as HTML). Off by default: it moves "
+            "every token's reward to the main process at each step."
         },
     )
 
@@ -64,6 +75,11 @@ class PRIMEConfig(PRIMESettings, GRPOConfig):
         if self.vllm_sync_mode not in VLLM_SYNC_MODES:
             raise ValueError(
                 f"vllm_sync_mode={self.vllm_sync_mode!r} is not supported; choose one of {VLLM_SYNC_MODES}."
+            )
+        if self.fp16:  # before GRPOConfig's own checks, which on a CPU machine would complain about the device
+            raise ValueError(
+                "fp16=True is not supported: the PRM adapter is updated by its own optimizer, outside the Trainer's "
+                "fp16 loss scaling, so its float16 gradients would underflow. Use bf16=True, or float32 (both off)."
             )
         super().__post_init__()  # PRIMESettings: validate_prime_settings, then GRPOConfig's own checks
         if self.process_reward_coef == 0 and self.prm_update != "none":

@@ -13,13 +13,17 @@ import functools
 import logging
 import math
 import os
+import random
 import time
+import types
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from accelerate.utils import gather_object
 from peft import LoraConfig, PeftModel
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -27,6 +31,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
+import prime_trl.algo.distributed as distributed
 import prime_trl.algo.prefix as prefix
 from prime_trl.algo.prm import (
     POLICY_ADAPTER,
@@ -39,15 +44,17 @@ from prime_trl.algo.prm import (
     check_lora_config,
     check_policy_adapter,
     default_prm_lora_config,
+    fused_log_probs_at_temperature_one,
     load_adapter_weights,
     make_implicit_prm,
     save_adapter,
 )
-from prime_trl.algo.step import PRIMESettings, labels_and_outcome, prime_step
+from prime_trl.algo.step import PRIMESettings, PRIMEStep, prime_step, verifier_scores_and_outcome
+from prime_trl.apps.scoring import ScoredResponse, html_page
 from prime_trl.rewards.reward_funcs import (
     check_dataset_columns,
     guard_reward_function,
-    resolve_verifier,
+    resolve_verifiers,
     reward_func_list,
 )
 from prime_trl.trainer.prime_config import PRIMEConfig
@@ -57,6 +64,9 @@ from prime_trl.trainer.vllm_sync import LoRAAdapterSync, engine_with_lora, guard
 logger = logging.getLogger(__name__)
 
 __all__ = ["PRM_DIR_NAME", "PRM_STATE_NAME", "PRIMETrainer"]  # the checkpoint names live in prime_trl.algo.prm
+
+KEPT_ROWS_KEY = "prime_kept"  # [B] bool in TRL's batch dict: rows that train (see _compute_loss)
+ROW_MEAN_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")  # TRL loss types that divide by the micro-batch's row count
 
 
 class PRIMETrainer(GRPOTrainer):
@@ -68,13 +78,16 @@ class PRIMETrainer(GRPOTrainer):
     Args:
         model: hub id or local path, `PreTrainedModel`, or `PeftModel` whose policy adapter is ``default``. A plain
             model with ``peft_config=None`` is trained in full; its PRM then lives on one frozen copy of the
-            initial model, which is also the reference.
+            initial model, which is also the reference. A `PeftModel`'s trained ``default`` adapter (e.g. SFT) is
+            merged into a non-quantized base first, so that it starts policy, PRM and reference alike (see
+            `merge_start_adapter`).
         prm: ``None`` (a zero-initialised adapter with the policy's LoRA settings, so PRM == reference at step 0),
             a `peft.LoraConfig`, or the directory of a saved PRM adapter (e.g. ``<checkpoint>/prm``).
         args: a `PRIMEConfig`.
-        reward_funcs: TRL reward functions. The verifier (``args.verifier``, default the first) gives the PRM's
-            outcome labels in [0, 1] and drives the accuracy filter; the weighted sum of all of them
-            (``args.reward_weights``) is the outcome reward of the advantages.
+        reward_funcs: TRL reward functions. The verifier(s) (``args.verifier``, default the first) give the scores
+            that ``args.outcome_label`` turns into the PRM's outcome labels and the accuracy filter's input; the
+            weighted sum of all of them (``args.reward_weights``) is the outcome reward of the advantages. A row
+            no verifier scored (all returned None) does not train.
         train_dataset, eval_dataset: datasets with a ``prompt`` column plus the columns the reward functions need.
         processing_class: tokenizer (loaded from ``model`` when ``None``).
         peft_config: `peft.LoraConfig` of the policy adapter.
@@ -140,6 +153,8 @@ class PRIMETrainer(GRPOTrainer):
             check_lora_config(peft_config, "policy")
         if isinstance(model, PeftModel):
             check_policy_adapter(model, "PRIMETrainer")
+            if peft_config is None:
+                model, peft_config = merge_start_adapter(model)
 
         quantized = quantization_config is not None or (not isinstance(model, str) and is_quantized(model))
         sync_mode = resolve_sync_mode(args.vllm_sync_mode, quantized, args.vllm_mode) if args.use_vllm else None
@@ -163,10 +178,19 @@ class PRIMETrainer(GRPOTrainer):
             )
         self._install_vllm_sync(sync_mode)
         protect_4bit_base(self.model)  # QLoRA on CPU: eval-mode forwards must not repack the base (see module)
-        self.verifier_index = resolve_verifier(self.reward_func_names, args.verifier)
+        self.verifier_indices = resolve_verifiers(self.reward_func_names, args.verifier)
         self.prime_settings = PRIMESettings.from_config(args)
         self.prm = self._build_prm(prm if prm is not None else args.prm_name_or_path)
         self._rewards_per_func: torch.Tensor | None = None
+        self._warned: set[str] = set()  # one-time warnings already given
+        self._generations = 0  # training generation batches seen, and how many the filter emptied
+        self._fully_filtered = 0
+        self._kept_since_step = 0  # rows that reached the policy loss since the last optimizer step
+        self._skip_policy_step = False
+        self._token_views: list[tuple[list[int], list[float], float]] = []  # log_token_rewards: rows since last log
+        self._rng_at_step_end: dict | None = None  # for a rescue checkpoint (see _save_rescue_checkpoint)
+        if args.save_checkpoint_on_error:
+            self.add_callback(_RememberStepEndRNG(self))
 
     # ------------------------------------------------------------------------------------------------------------
     # Set-up
@@ -175,16 +199,18 @@ class PRIMETrainer(GRPOTrainer):
     def _build_prm(self, prm: LoraConfig | str | os.PathLike | None) -> ImplicitPRM:
         """Add the PRM adapter (on the policy's base, or on a frozen copy for a fully fine-tuned policy)."""
         args = self.args
+        log_prob_model = None
         if isinstance(self.model, PeftModel):
             host = self.model
             attach_prm_adapter(host, args, prm)
-            # TRL's fused LM head divides by the sampling temperature; PRIME's log-probs are at temperature 1.
-            fused = self.temperature == 1.0
+            if self.temperature != 1.0:  # TRL's fused head divides by it; PRIME's log-probs are at temperature 1
+                log_prob_model = fused_log_probs_at_temperature_one(host, args.cast_lm_head_to_fp32)
         else:
             host = self._frozen_copy_with_prm(prm)
-            fused = True
             logger.info("PRIME: the PRM adapter lives on a frozen copy of the initial model (full fine-tune policy).")
-        return make_implicit_prm(host, args, fused_log_probs=fused, autocast=self.accelerator.autocast)
+        return make_implicit_prm(
+            host, args, fused_log_probs=True, autocast=self.accelerator.autocast, log_prob_model=log_prob_model
+        )
 
     def _frozen_copy_with_prm(self, prm: LoraConfig | str | os.PathLike | None) -> PeftModel:
         """Full fine-tune policy: the PRM is a LoRA adapter on one frozen copy of the initial model, which with
@@ -213,33 +239,27 @@ class PRIMETrainer(GRPOTrainer):
         if sync_mode == "merge" and isinstance(self.model, PeftModel):
             guard_merge_sync(self.vllm_generation, self.model)
         elif sync_mode == "lora":
-            LoRAAdapterSync(self.model, Path(self.args.output_dir) / "vllm_policy_adapter").install(
-                self.vllm_generation
-            )
+            LoRAAdapterSync(
+                self.model,
+                Path(self.args.output_dir) / "vllm_policy_adapter",
+                is_main_process=self.args.should_save,
+                wait_for_everyone=self.accelerator.wait_for_everyone,
+            ).install(self.vllm_generation)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The policy's scheduler (TRL), then the PRM's own optimizer and scheduler, sized to the same run."""
+        new_run = self.lr_scheduler is None  # Trainer drops its scheduler at each train() call, keeps the optimizer
         scheduler = super().create_scheduler(num_training_steps, optimizer)
+        args = self.args
+        generations = math.ceil(
+            num_training_steps * args.gradient_accumulation_steps / (args.steps_per_generation * self.num_iterations)
+        )
+        total_steps = max(1, generations * args.prm_num_mini_batches)
         if self.prm.optimizer is None:
-            args = self.args
-            generations = math.ceil(
-                num_training_steps
-                * args.gradient_accumulation_steps
-                / (args.steps_per_generation * self.num_iterations)
-            )
             self.prm.create_optimizer_for_run(args, generations)
+        elif new_run:  # a second train(): like the policy's, the PRM's schedule is sized to this run
+            self.prm.create_scheduler(args.prm_lr_scheduler_type, args.prm_warmup_steps, total_steps)
         return scheduler
-
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        prm_ids = {id(p) for p in self.prm.parameters()}
-        leaked = [p for group in optimizer.param_groups for p in group["params"] if id(p) in prm_ids]
-        if leaked:
-            raise RuntimeError(
-                f"{len(leaked)} PRM parameters ended up in the policy optimizer; the PRM adapter must be inactive "
-                "when training starts (do not call set_adapter on the PRM before train())."
-            )
-        return optimizer
 
     # ------------------------------------------------------------------------------------------------------------
     # The PRIME step: runs inside TRL's scoring step, once per generation batch
@@ -257,18 +277,251 @@ class PRIMETrainer(GRPOTrainer):
             output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"]
         )
         start_time = time.perf_counter()
-        output["advantages"] = self._prime_step(batch, self._rewards_per_func, mode)
+        step = self._run_prime_step(batch, self._rewards_per_func, mode)
+        output["advantages"] = step.advantages
+        output[KEPT_ROWS_KEY] = step.kept
+        # dapo / cispo normalise by the tokens of the generation batch: count only the rows that train.
+        loss_mask = batch.completion_mask * output["tool_mask"] if "tool_mask" in output else batch.completion_mask
+        kept_tokens = (loss_mask * step.kept.unsqueeze(-1)).sum()
+        output["num_items_in_batch"] = self.accelerator.gather(kept_tokens).sum()
+        self._log_prime_rows(batch, step)
         self._metrics[mode]["prime/scoring_time"].append(time.perf_counter() - start_time)
         return output
 
     def _prime_step(self, batch: CompletionBatch, rewards_per_func: torch.Tensor, mode: str) -> torch.Tensor:
-        """The PRIME step (PRM update in training mode); returns the per-token advantages ``[B_local, T_local]`` for this process's rows (docs/algorithm.md section 2, steps 3-6)."""
+        """The PRIME step (PRM update in training mode); returns the per-token advantages ``[B_local, T_local]`` for
+        this process's rows (docs/algorithm.md section 2, steps 3-6)."""
+        return self._run_prime_step(batch, rewards_per_func, mode).advantages
+
+    def _run_prime_step(self, batch: CompletionBatch, rewards_per_func: torch.Tensor, mode: str) -> PRIMEStep:
+        """`_prime_step` with everything it gives: advantages, implicit token rewards, kept rows, metrics."""
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        labels, outcome = labels_and_outcome(rewards_per_func, self.verifier_index, self.reward_weights)
-        step = prime_step(self.prm, batch, labels, outcome, self.prime_settings, group_size, mode == "train")
+        if mode == "train":
+            self._check_verifier_scores(rewards_per_func)
+            if self.args.save_checkpoint_on_error and self.prime_settings.prm_update != "none":
+                self._remember_prm_state()
+        scores, outcome = verifier_scores_and_outcome(rewards_per_func, self.verifier_indices, self.reward_weights)
+        step = prime_step(self.prm, batch, scores, outcome, self.prime_settings, group_size, mode == "train")
         for name, value in step.metrics.items():
             self._metrics[mode][name].append(value)
-        return step.advantages
+        if mode == "train":
+            self._count_filtered(step.metrics["filter/pass_rate"])
+        return step
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The policy loss sees the rows that train, and only them
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        """TRL's policy loss, with the gradient of the micro-batch's kept rows alone.
+
+        Rows of filtered groups, unscored rows and masked (truncated) rows have zero advantage, but left in TRL's
+        loss they would still count in its denominators (rows for ``grpo`` / ``dr_grpo``, tokens for ``bnpo``) and in
+        the KL and entropy terms, shrinking the step with the kept fraction. The official code removes filtered
+        prompts from the batch; here they are masked out of TRL's loss mask (``tool_mask``, which TRL multiplies into
+        every loss term and metric, leaving the forward and the row count per process unchanged, as collectives
+        need) and the row-mean losses are rescaled from ``B`` rows to the kept ones. A micro-batch without any kept
+        row contributes exactly zero.
+        """
+        inputs = dict(inputs)  # the buffered batch is reused over num_iterations: never modify it
+        kept = inputs.pop(KEPT_ROWS_KEY, None)
+        if kept is None or not self.model.training:
+            return super()._compute_loss(model, inputs)
+        num_kept = int(kept.sum())
+        self._kept_since_step += num_kept
+        if self.accelerator.sync_gradients:  # the window's last micro-batch: decide whether the optimizer steps
+            self._decide_policy_step()
+        row_mask = kept.to(inputs["completion_mask"].dtype).unsqueeze(-1)
+        inputs["tool_mask"] = inputs["tool_mask"] * row_mask if "tool_mask" in inputs else row_mask
+        loss = super()._compute_loss(model, inputs)
+        if self.loss_type in ROW_MEAN_LOSSES and 0 < num_kept < len(kept):
+            if self._entropy_bonus_enabled:
+                self._warn_once(
+                    "entropy_scale",
+                    "PRIME: with loss_type=%r and an entropy bonus, the bonus is rescaled with the policy loss to the "
+                    "kept rows of each micro-batch.",
+                    self.loss_type,
+                )
+            loss = loss * (len(kept) / num_kept)
+        return loss
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        prm_ids = {id(p) for p in self.prm.parameters()}
+        leaked = [p for group in optimizer.param_groups for p in group["params"] if id(p) in prm_ids]
+        if leaked:
+            raise RuntimeError(
+                f"{len(leaked)} PRM parameters ended up in the policy optimizer; the PRM adapter must be inactive "
+                "when training starts (do not call set_adapter on the PRM before train())."
+            )
+        self._skip_empty_policy_steps(optimizer)
+        return optimizer
+
+    def _decide_policy_step(self) -> None:
+        """At the last micro-batch of an accumulation window, before its backward (DeepSpeed steps inside it): skip
+        the optimizer step when no process kept any row in the whole window."""
+        kept = torch.tensor(float(self._kept_since_step), device=self.accelerator.device)
+        self._kept_since_step = 0
+        if self.accelerator.num_processes > 1:
+            kept = self.accelerator.reduce(kept, reduction="sum")
+        self._skip_policy_step = kept.item() == 0
+
+    def _skip_empty_policy_steps(self, optimizer: torch.optim.Optimizer) -> None:
+        """An optimizer step whose micro-batches held no kept row on any process is skipped: with zero gradients,
+        AdamW's momentum and weight decay would still move the policy on a step that had nothing to learn from.
+        (The decision is taken once per window in `_decide_policy_step`; DeepSpeed calls ``step`` once per group.)"""
+        step = optimizer.step
+
+        def step_if_anything_kept(self_optimizer, *args, **kwargs):
+            if self._skip_policy_step:
+                return None
+            return step(*args, **kwargs)
+
+        # A bound method: torch's LR scheduler re-wraps `optimizer.step` through its `__func__`.
+        optimizer.step = types.MethodType(step_if_anything_kept, optimizer)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # What is logged: PRIME's advantages and implicit rewards in TRL's completions table
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _log_prime_rows(self, batch: CompletionBatch, step: PRIMEStep) -> None:
+        """Replace GRPO's advantages in TRL's completions table (``log_completions=True``) by PRIME's, and add each
+        row's implicit reward ``r(y) = sum_t r_t`` (Eq. 2; column ``implicit_reward``) and, with
+        ``log_token_rewards=True``, its per-token implicit rewards (column ``token_rewards``).
+
+        PRIME's advantages are per token; the ``advantage`` column holds each row's mean advantage over its
+        completion tokens (0 for rows that do not train: filtered groups, unscored or masked rows)."""
+        if not self.log_completions:
+            return
+        mask = batch.completion_mask.float()
+        row_advantage = (step.advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        all_advantages = distributed.gather_rows(row_advantage).tolist()
+        all_rewards = distributed.gather_rows(step.token_rewards.sum(-1)).tolist()
+        logged = self._logs["advantages"]
+        tail = min(len(all_advantages), len(logged))
+        for offset in range(tail):
+            logged[len(logged) - tail + offset] = all_advantages[len(all_advantages) - tail + offset]
+        self._logs["extra"]["implicit_reward"].extend(all_rewards)
+        if self.args.log_token_rewards:
+            lengths = batch.completion_mask.sum(-1).tolist()
+            rows = [rewards[:length] for rewards, length in zip(step.token_rewards.tolist(), lengths, strict=True)]
+            ids = [row[:length] for row, length in zip(batch.completion_ids.tolist(), lengths, strict=True)]
+            all_rows = gather_object(rows)
+            self._logs["extra"]["token_rewards"].extend(all_rows)
+            self._token_views.extend(zip(gather_object(ids), all_rows, all_rewards, strict=True))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's logging, plus (``log_token_rewards=True``) an HTML heat map of the logged completions' implicit
+        token rewards: ``<output_dir>/completions/token_rewards_<step>.html``, and to Weights & Biases as HTML."""
+        if self._token_views and self.accelerator.is_main_process and self.log_completions:
+            self._write_token_view()
+        self._token_views.clear()
+        super().log(logs, start_time)
+
+    def _write_token_view(self) -> None:
+        tokenizer = self.processing_class
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap the tokenizer
+        views = [
+            ScoredResponse(
+                text=tokenizer.decode(ids),
+                tokens=[tokenizer.decode([token]) for token in ids],
+                token_rewards=rewards,
+                steps=[tokenizer.decode(ids)],
+                step_spans=[(0, len(ids))],
+                step_rewards=[reward],
+                reward=reward,
+            )
+            for ids, rewards, reward in self._token_views[-(self.num_completions_to_print or 0) :]
+        ]
+        page = html_page(views, title=f"Implicit token rewards, step {self.state.global_step}")
+        directory = Path(self.args.output_dir) / "completions"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"token_rewards_{self.state.global_step:05d}.html").write_text(page)
+        if self.args.report_to and "wandb" in self.args.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"token_rewards": wandb.Html(page)})
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Runs that would train on nothing say so
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _warn_once(self, key: str, message: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+    def _check_verifier_scores(self, rewards_per_func: torch.Tensor) -> None:
+        """Warn (once) when a verifier's scores leave [0, 1], and when the default verifier leaves rows unscored
+        that other reward functions scored (TRL's multi-task pattern needs ``verifier`` to name them all)."""
+        settings = self.prime_settings
+        for index in self.verifier_indices:
+            column = rewards_per_func[:, index]
+            scored = column[~torch.isnan(column)]
+            if scored.numel() == 0 or bool(((scored >= 0) & (scored <= 1)).all()):
+                continue
+            if settings.outcome_label == "auto":
+                settings.outcome_label = "group_mean"  # sticky: labels must not flip rule from batch to batch
+                action = (
+                    "outcome_label='auto' now labels a row correct when its score is above its group's mean, for the "
+                    "rest of the run"
+                )
+            else:
+                action = f"outcome_label={settings.outcome_label!r} decides the PRM labels"
+            self._warn_once(
+                "score_range",
+                "PRIME: verifier %r returned scores in [%.4g, %.4g], outside [0, 1]; %s. Set outcome_label "
+                "('score', 'threshold' with outcome_label_threshold, 'group_mean') to choose how scores become PRM "
+                "labels and drive the accuracy filter.",
+                self.reward_func_names[index],
+                float(scored.min()),
+                float(scored.max()),
+                action,
+            )
+        if self.args.verifier is None and rewards_per_func.shape[1] > 1:
+            unscored = torch.isnan(rewards_per_func[:, 0])
+            scored_elsewhere = unscored & ~torch.isnan(rewards_per_func[:, 1:]).all(-1)
+            if scored_elsewhere.any():
+                self._warn_once(
+                    "default_verifier",
+                    "PRIME: the verifier defaults to the first reward function %r, which returned None for %d rows "
+                    "that other reward functions scored; those rows are left out of the PRM and the filter. With one "
+                    "reward function per task, name them all: verifier=%r.",
+                    self.reward_func_names[0],
+                    int(scored_elsewhere.sum()),
+                    ",".join(self.reward_func_names),
+                )
+
+    def _count_filtered(self, pass_rate: float) -> None:
+        """A generation batch the accuracy filter emptied trains nothing: warn, rate-limited (1st, 2nd, 4th, ...)."""
+        self._generations += 1
+        if pass_rate > 0:
+            return
+        self._fully_filtered += 1
+        if self._fully_filtered & (self._fully_filtered - 1) == 0:
+            settings = self.prime_settings
+            logger.warning(
+                "PRIME: the accuracy filter dropped every group of this batch (%d of %d batches so far): no group's "
+                "accuracy lay in [%g, %g], so neither the policy nor the PRM learns from it. If every completion "
+                "gets the same label, check the verifier and outcome_label (now %r); otherwise widen "
+                "accuracy_lower_bound / accuracy_upper_bound, raise num_generations, or set accuracy_filter=False.",
+                self._fully_filtered,
+                self._generations,
+                settings.accuracy_lower_bound,
+                settings.accuracy_upper_bound,
+                settings.outcome_label,
+            )
+
+    def _report_filtered_run(self) -> None:
+        if self._generations and self._fully_filtered * 2 > self._generations:
+            logger.warning(
+                "PRIME: %d of %d generation batches of this run were fully filtered by the accuracy filter and "
+                "trained nothing. See the warnings above for the fix (outcome_label, accuracy bounds, "
+                "accuracy_filter=False).",
+                self._fully_filtered,
+                self._generations,
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # The policy's log-prob passes (TRL's loss, old and reference log-probs) with shared prompt prefixes
@@ -357,22 +610,133 @@ class PRIMETrainer(GRPOTrainer):
             )
 
     def train(self, *args, **kwargs):
-        """`Trainer.train`, plus: on an exception or Ctrl-C in a single process, save the last completed step."""
+        """`Trainer.train`, plus: on an exception or Ctrl-C in a single process, save the last completed step; at
+        the end, say so if most generation batches were fully filtered."""
+        self._generations = self._fully_filtered = 0
         try:
-            return super().train(*args, **kwargs)
+            output = super().train(*args, **kwargs)
         except BaseException:
             if (
                 self.args.save_checkpoint_on_error
                 and self.accelerator.num_processes == 1
                 and self.state.global_step > 0
             ):
-                logger.error(
-                    "Training stopped by an error; saving checkpoint-%d (the last completed step) before re-raising. "
-                    "Resume with train(resume_from_checkpoint=True).",
-                    self.state.global_step,
-                )
-                try:
-                    self._save_checkpoint(self.model, trial=None)
-                except Exception:  # the original error matters more than a failed rescue
-                    logger.exception("Could not write the rescue checkpoint.")
+                self._save_rescue_checkpoint()
             raise
+        self._report_filtered_run()
+        return output
+
+    def _remember_prm_state(self) -> None:
+        """Before a training PRM update, keep the PRM adapter and optimizer state (three adapter-sized copies, in CPU
+        memory) so that a rescue checkpoint can hold the PRM of the last completed step, not one update ahead."""
+        if self.prm.optimizer is None:
+            return
+        adapter = {id(p): p.detach().to("cpu", copy=True) for p in self.prm.parameters()}
+        self._prm_snapshot = (self.state.global_step, adapter, _to_cpu(self.prm.state_dict()))
+
+    def _save_rescue_checkpoint(self) -> None:
+        """Write ``checkpoint-<global_step>``, the state after the last completed step, unless it already exists.
+
+        The error may come after the next step's PRM update (it runs when that step generates, e.g. out of memory
+        in the policy forward that follows): the PRM is then rolled back to its state at the step's start, so
+        resuming does not apply that update twice."""
+        step = self.state.global_step
+        checkpoint_dir = Path(self._get_output_dir(trial=None)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if checkpoint_dir.exists():
+            logger.error(
+                "Training stopped by an error; %s (the last completed step) is already saved and is left as it is. "
+                "Resume with train(resume_from_checkpoint=True).",
+                checkpoint_dir,
+            )
+            return
+        snapshot = getattr(self, "_prm_snapshot", None)
+        if snapshot is not None and snapshot[0] == step:  # the PRM was updated for the step that did not finish
+            with torch.no_grad():
+                for param in self.prm.parameters():
+                    param.copy_(snapshot[1][id(param)])
+            self.prm.load_state_dict(snapshot[2])
+        if self._rng_at_step_end is not None:  # the saved RNG state is that of the step's end, as a regular save's
+            _set_rng_state(self._rng_at_step_end)
+        logger.error(
+            "Training stopped by an error; saving %s (the last completed step) before re-raising. Resume with "
+            "train(resume_from_checkpoint=True).",
+            checkpoint_dir,
+        )
+        try:
+            self._save_checkpoint(self.model, trial=None)
+        except Exception:  # the original error matters more than a failed rescue
+            logger.exception("Could not write the rescue checkpoint.")
+
+
+def merge_start_adapter(model: PeftModel) -> tuple[PreTrainedModel | PeftModel, LoraConfig | None]:
+    """Make a `PeftModel`'s trained ``default`` adapter (e.g. an SFT adapter) the start of all three models.
+
+    The reference is the base with adapters disabled and a new PRM adapter starts at zero, so left as it is the
+    reference and the PRM would start from the bare base while the policy starts from the adapter. On a
+    non-quantized base the adapter is merged into the base and a fresh ``default`` adapter with the same settings
+    becomes the policy: policy, PRM and reference all start as the adapted model. On a 4-bit base merging would
+    re-quantize the weights and lose the adapter, so the model is left as it is, with a warning: the policy starts
+    from the adapter, the reference and the PRM from the 4-bit base.
+
+    Returns ``(model, peft_config)`` for `GRPOTrainer`: the merged base and the policy's `LoraConfig`, or the
+    model unchanged and ``None``.
+    """
+    if is_quantized(model):
+        logger.warning(
+            "PRIME: the PeftModel's 'default' adapter sits on a quantized base, where it cannot be merged without "
+            "loss: the policy starts from the adapter, but the reference (adapters disabled) and the PRM start from "
+            "the bare base, so the implicit rewards start at log(pi_base / pi_ref) != 0 for the policy's samples. "
+            "To start all three from the adapted model, merge the adapter into a bf16 base, quantize that, and pass "
+            "it with peft_config=LoraConfig(...)."
+        )
+        return model, None
+    if list(model.peft_config) != ["default"]:
+        return model, None  # other adapters (e.g. a saved PRM) are the user's choice; leave the model as given
+    config = copy.deepcopy(model.peft_config["default"])
+    config.inference_mode = False
+    trained = any(bool(p.detach().abs().sum() > 0) for n, p in model.named_parameters() if "lora_B" in n)
+    logger.info(
+        "PRIME: merging the PeftModel's 'default' adapter into its base (%s); a fresh 'default' adapter with the same "
+        "LoRA settings is the policy, so policy, PRM and reference start from the same model.",
+        "trained" if trained else "still at its initialisation",
+    )
+    return model.merge_and_unload(), config
+
+
+def _to_cpu(state: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor copied to CPU memory."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: _to_cpu(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(value) for value in state)
+    return copy.deepcopy(state)
+
+
+def _get_rng_state() -> dict:
+    """The random states a checkpoint saves (`Trainer._save_rng_state`, single process)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.random.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.random.set_rng_state(state["cuda"])
+
+
+class _RememberStepEndRNG(TrainerCallback):
+    """Keeps the random state at the end of each optimizer step, where a regular checkpoint would save it, so that
+    a rescue checkpoint written mid-step resumes with the same random stream as one written at the step's end."""
+
+    def __init__(self, trainer: PRIMETrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.accelerator.num_processes == 1:
+            self.trainer._rng_at_step_end = _get_rng_state()

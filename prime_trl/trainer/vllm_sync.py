@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,22 +68,36 @@ class LoRAAdapterSync:
     Each `sync` writes the ``default`` adapter to ``export_dir/v<version>`` and points generation at it with a
     fresh ``lora_int_id`` (vLLM caches adapters by id, so a new id forces the new weights to load). Only the
     last ``keep`` exports are kept on disk.
+
+    With several processes (each with its own colocated engine) every process calls `sync` together: gathering
+    a sharded adapter is a collective, then only ``is_main_process`` writes and deletes folders, and every
+    process waits (``wait_for_everyone``) until the new export is complete before pointing its engine at it.
     """
 
-    def __init__(self, model: PeftModel, export_dir: str | Path, keep: int = 2):
+    def __init__(
+        self,
+        model: PeftModel,
+        export_dir: str | Path,
+        keep: int = 2,
+        is_main_process: bool = True,
+        wait_for_everyone: Callable[[], None] = lambda: None,
+    ):
         self.model = model
         self.export_dir = Path(export_dir)
         self.keep = keep
+        self.is_main_process = is_main_process
+        self.wait_for_everyone = wait_for_everyone
         self.version = 0
         self.request: Any = None
 
     def sync(self) -> None:
         self.version += 1
         path = self.export_dir / f"v{self.version}"
-        save_adapter(self.model, POLICY_ADAPTER, path)
+        save_adapter(self.model, POLICY_ADAPTER, path, is_main_process=self.is_main_process)
+        self.wait_for_everyone()  # no engine loads the export before it is fully written
         self.request = make_lora_request("prime-policy", self.version, path)
         stale = self.export_dir / f"v{self.version - self.keep}"
-        if stale.is_dir():
+        if self.is_main_process and stale.is_dir():
             shutil.rmtree(stale)
 
     def install(self, vllm_generation: Any) -> None:
