@@ -282,13 +282,10 @@ def test_unknown_verifier_name(tiny_model_dir, tmp_path):
         make_trainer(tiny_model_dir, tmp_path, verifier="math")
 
 
-def test_args_must_be_prime_config(tiny_model_dir):
-    from trl import GRPOConfig
-
-    with pytest.raises(TypeError, match="PRIMEConfig"):
-        PRIMETrainer(
-            tiny_model_dir, args=GRPOConfig(output_dir="x", use_cpu=True, bf16=False), reward_funcs=coin_reward
-        )
+def test_args_must_be_a_config(tiny_model_dir):
+    # A GRPOConfig / TrainingArguments is converted (tests/test_grpo_compat.py); anything else is refused.
+    with pytest.raises(TypeError, match="args must be a PRIMEConfig, got dict"):
+        PRIMETrainer(tiny_model_dir, args={"output_dir": "x"}, reward_funcs=coin_reward)
 
 
 @pytest.mark.parametrize("generations_eval", [None, 1])

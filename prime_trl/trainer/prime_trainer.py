@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
@@ -45,6 +45,7 @@ from prime_trl.algo.prm import (
 )
 from prime_trl.algo.step import PRIMESettings, labels_and_outcome, prime_step
 from prime_trl.rewards.reward_funcs import check_dataset_columns, guard_reward_function, resolve_verifier
+from prime_trl.trainer.grpo_compat import check_prm_argument, check_reward_source, to_prime_config
 from prime_trl.trainer.prime_config import PRIMEConfig
 from prime_trl.trainer.quantization import is_quantized, protect_4bit_base
 from prime_trl.trainer.vllm_sync import LoRAAdapterSync, engine_with_lora, guard_merge_sync, resolve_sync_mode
@@ -110,7 +111,7 @@ class PRIMETrainer(GRPOTrainer):
         prm: LoraConfig | str | os.PathLike | None = None,
         args: PRIMEConfig | None = None,
         *,
-        reward_funcs: Callable | list[Callable] | str | list[str],
+        reward_funcs: Callable | list[Callable] | str | list[str] | None = None,
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
@@ -119,18 +120,25 @@ class PRIMETrainer(GRPOTrainer):
         optimizers: tuple = (None, None),
         quantization_config=None,
         reward_processing_classes=None,
+        tools: list[Callable] | None = None,
+        rollout_func: Callable | None = None,
+        environment_factory: Callable | dict[str, Callable] | None = None,
     ):
+        check_prm_argument(prm)
         if args is None:
             model_name = model if isinstance(model, str) else type(model).__name__
             args = PRIMEConfig(output_dir=f"{str(model_name).rstrip('/').split('/')[-1]}-PRIME")
+        elif isinstance(args, TrainingArguments) and not isinstance(args, PRIMEConfig):
+            args = to_prime_config(args)
         elif not isinstance(args, PRIMEConfig):
             raise TypeError(
                 f"args must be a PRIMEConfig, got {type(args).__name__}. Build it with PRIMEConfig(...) (it accepts "
                 "every GRPOConfig field)."
             )
+        if reward_funcs is None:
+            reward_funcs = []
         reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-        if not reward_funcs:
-            raise ValueError("PRIMETrainer needs at least one reward function: the verifier that labels completions.")
+        check_reward_source(reward_funcs, environment_factory)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             check_dataset_columns(dataset, name, reward_funcs)
         if peft_config is not None:
@@ -157,6 +165,9 @@ class PRIMETrainer(GRPOTrainer):
                 optimizers=optimizers,
                 quantization_config=quantization_config,
                 peft_config=peft_config,
+                tools=tools,
+                rollout_func=rollout_func,
+                environment_factory=environment_factory,
             )
         self._install_vllm_sync(sync_mode)
         protect_4bit_base(self.model)  # QLoRA on CPU: eval-mode forwards must not repack the base (see module)
