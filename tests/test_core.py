@@ -208,3 +208,14 @@ def test_leave_one_out_outcome_advantages_sum_to_zero_per_group(seed):
     adv = core.rloo_advantages(torch.zeros_like(mask), scores, mask, group_size, whiten=False)
     per_row = adv[:, 0]  # the outcome advantage is the same on every valid token of a row
     torch.testing.assert_close(per_row.view(groups, group_size).sum(-1), torch.zeros(groups, dtype=torch.float64))
+
+
+def test_outcome_sits_on_the_last_policy_token_of_a_mask_with_tool_holes():
+    # A tool result (0s) inside the completion: the outcome belongs to the last token the policy generated, not to
+    # position sum(mask) - 1 (which here is a tool-result token).
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    scores = torch.tensor([1.0, 0.0])
+    advantages = core.rloo_advantages(torch.zeros_like(mask), scores, mask, group_size=2, whiten=False)
+    # RLOO outcome returns: row 0 gets +1 on every policy token up to its last one (index 5), row 1 gets -1.
+    assert advantages[0].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    assert advantages[1].tolist() == [-1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0]

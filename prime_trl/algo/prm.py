@@ -48,18 +48,34 @@ _BASE_MODIFYING_INITS = ("pissa", "olora", "loftq", "corda", "eva", "orthogonal"
 @dataclass
 class CompletionBatch:
     """Token tensors of ``B`` prompt + completion rows: prompts left-padded ``[B, P]``, completions right-padded
-    ``[B, T]``; ``completion_mask`` is 1 on completion tokens up to and including the first EOS."""
+    ``[B, T]``; ``completion_mask`` is 1 on completion tokens up to and including the first EOS.
+
+    ``tool_mask`` (TRL's, for tool calling, environments and ``rollout_func``'s ``env_mask``) is 0 on tokens the
+    policy did not generate (tool results, environment turns) and 1 elsewhere; ``None`` when there are none. Such
+    tokens stay in the context (attended to, as ``completion_mask`` says) but are never scored: `loss_mask` is
+    what the PRM loss, the token rewards and the advantages use.
+    """
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
+    tool_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
     def select(self, rows: torch.Tensor | slice) -> CompletionBatch:
-        return CompletionBatch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+        return CompletionBatch(
+            **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows] for f in fields(self)}
+        )
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """``[B, T]``: 1 on the completion tokens the policy generated (TRL's ``completion_mask * tool_mask``)."""
+        if self.tool_mask is None:
+            return self.completion_mask
+        return self.completion_mask * self.tool_mask.to(self.completion_mask.dtype)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -536,7 +552,7 @@ class ImplicitPRM:
         rows: torch.Tensor,
         group_context: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
-        mask = micro.completion_mask.to(prm_logps.dtype)
+        mask = micro.loss_mask.to(prm_logps.dtype)
         if self.loss_type == "ce":
             return core.prm_ce_loss(prm_logps, ref_logps, mask, labels, self.beta)
         group_log_ratios, group_labels = group_context
@@ -552,7 +568,7 @@ class ImplicitPRM:
         if group_ids is None:
             raise ValueError("The DPO PRM loss needs group_ids for every row.")
         scored = self.score(batch)
-        log_ratios = ((scored.prm_logps - scored.ref_logps) * batch.completion_mask).sum(-1)
+        log_ratios = ((scored.prm_logps - scored.ref_logps) * batch.loss_mask).sum(-1)
         all_ratios = distributed.gather_rows(log_ratios)
         all_labels = distributed.gather_rows(labels.to(log_ratios.dtype))
         all_groups = distributed.gather_rows(group_ids)

@@ -85,13 +85,14 @@ def prime_step(
         else:
             prm_out = prm.score(kept_batch)
         token_rewards[local_kept] = core.implicit_token_rewards(
-            prm_out.prm_logps, prm_out.ref_logps, kept_batch.completion_mask.float(), settings.prime_beta
+            prm_out.prm_logps, prm_out.ref_logps, kept_batch.loss_mask.float(), settings.prime_beta
         )
         metrics.update(_prm_update_metrics(prm, prm_out))
 
     # Step 6 on the global batch, so that groups split over processes and the whitening see every row.
     all_rewards = distributed.gather_rows(token_rewards)
-    mask = distributed.gather_rows(batch.completion_mask.float()) * kept_rows.unsqueeze(-1)
+    # Tool results / environment turns (loss_mask 0) get no process reward and no advantage, as in TRL's loss.
+    mask = distributed.gather_rows(batch.loss_mask.float()) * kept_rows.unsqueeze(-1)
     metrics.update(_reward_metrics(all_rewards, mask, labels, kept_rows, group_size))
     if mask.sum() == 0:  # every group filtered out: nothing to learn from this batch
         return PRIMEStep(torch.zeros_like(token_rewards), metrics)

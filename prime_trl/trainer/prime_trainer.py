@@ -262,7 +262,11 @@ class PRIMETrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         batch = CompletionBatch(
-            output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"]
+            output["prompt_ids"],
+            output["prompt_mask"],
+            output["completion_ids"],
+            output["completion_mask"],
+            tool_mask=output.get("tool_mask"),  # tools / environments / rollout_func's env_mask (see CompletionBatch)
         )
         start_time = time.perf_counter()
         output["advantages"] = self._prime_step(batch, self._rewards_per_func, mode)
