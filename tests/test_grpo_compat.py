@@ -271,3 +271,110 @@ def test_rollout_func_env_mask_is_honoured_token_by_token(tool_model, tmp_path, 
         expected = [1] * len(policy) + [0] * len(env) + [1] * (length - len(policy) - len(env))
         assert batch.loss_mask[row, :length].tolist() == expected, text
     check_prm_masks(seen, tokenizer, lambda text: text.startswith("[env says") and text.endswith("]"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Item 2: the PRM adapter on every architecture and adapter layout TRL trains
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def nemotron_h_model():
+    """A tiny hybrid Mamba model (NemotronH: a Mamba2 layer, an attention layer, an MLP layer), random weights."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    from prime_trl.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = NemotronHConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        layers_block_type=["mamba", "attention", "mlp"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        mamba_num_heads=4,
+        mamba_head_dim=16,
+        n_groups=1,
+        ssm_state_size=8,
+        chunk_size=16,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    return NemotronHForCausalLM(config), tokenizer
+
+
+def test_full_finetune_of_a_mamba_hybrid_gets_a_prm_lora_can_wrap(nemotron_h_model, tmp_path):
+    model, tokenizer = nemotron_h_model
+    trainer = PRIMETrainer(
+        model,
+        args=make_args(tmp_path, max_steps=1, accuracy_filter=False, max_completion_length=6),
+        reward_funcs=coin_reward,
+        train_dataset=make_dataset(),
+        processing_class=tokenizer,
+    )
+    wrapped = {name.rsplit(".", 2)[0].rsplit(".", 1)[-1] for name, _ in trainer.prm.model.named_parameters()}
+    wrapped = {n for n in wrapped if n.endswith("proj")}
+    # PEFT's rule for Mamba mixers: no LoRA on out_proj (or conv1d); every other linear layer is covered.
+    assert "out_proj" not in wrapped and {"in_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj"} <= wrapped
+    prm_before = {n: p.detach().clone() for n, p in trainer.prm.model.named_parameters() if ".prm." in n}
+    policy_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(p, trainer.prm.model.get_parameter(n)) for n, p in prm_before.items())
+    assert any(not torch.equal(p, trainer.model.get_parameter(n)) for n, p in policy_before.items())
+
+
+def test_prm_target_lora_cannot_wrap_is_refused_naming_module_and_fix(nemotron_h_model, tmp_path):
+    model, tokenizer = nemotron_h_model
+    with pytest.raises(ValueError, match=r"targets \['out_proj'\].*Use target_modules=\[.*'in_proj'") as error:
+        PRIMETrainer(
+            model,
+            LoraConfig(r=4, target_modules=["q_proj", "out_proj"]),
+            make_args(tmp_path),
+            reward_funcs=coin_reward,
+            train_dataset=make_dataset(),
+            processing_class=tokenizer,
+        )
+    assert "\n" not in str(error.value)
+
+
+def test_modules_to_save_each_adapter_trains_its_own_copy_reference_keeps_the_base(tiny_model_dir, tmp_path):
+    from trl.trainer.utils import use_adapter
+
+    trainer = PRIMETrainer(
+        tiny_model_dir,
+        args=make_args(tmp_path, max_steps=2, accuracy_filter=False),
+        reward_funcs=coin_reward,
+        train_dataset=make_dataset(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["lm_head"]),
+    )
+    model = trainer.model
+
+    def head(adapter):
+        with use_adapter(model, adapter):
+            return model.get_output_embeddings().weight.detach().clone()
+
+    before = {name: head(name) for name in ("default", "prm", None)}
+    assert torch.equal(before["prm"], before[None]) and torch.equal(before["default"], before[None])
+    trainer.train()
+    after = {name: head(name) for name in ("default", "prm", None)}
+    assert not torch.equal(after["default"], before["default"])  # the policy's copy trained
+    assert not torch.equal(after["prm"], before["prm"])  # the PRM's own copy trained
+    assert not torch.equal(after["default"], after["prm"])  # two different copies
+    assert torch.equal(after[None], before[None])  # the reference's head is the base's, untouched
+
+
+def test_prm_modules_to_save_with_vllm_is_refused_before_vllm_starts(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"TRL's vLLM weight sync renames only the policy's"):
+        PRIMETrainer(
+            tiny_model_dir,
+            LoraConfig(r=4, target_modules="all-linear", modules_to_save=["lm_head"]),
+            make_args(tmp_path, use_vllm=True, vllm_mode="colocate"),
+            reward_funcs=coin_reward,
+            train_dataset=make_dataset(),
+            peft_config=LoraConfig(r=4, target_modules="all-linear"),
+        )

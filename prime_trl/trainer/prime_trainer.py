@@ -151,6 +151,13 @@ class PRIMETrainer(GRPOTrainer):
         policy_lora = peft_config or (model.peft_config[POLICY_ADAPTER] if isinstance(model, PeftModel) else None)
         if sync_mode == "lora" and policy_lora is None:
             raise ValueError("vllm_sync_mode='lora' pushes the policy's LoRA adapter, so the policy must be LoRA.")
+        if sync_mode == "lora" and policy_lora.modules_to_save:
+            raise ValueError(
+                f"vllm_sync_mode='lora' pushes only LoRA layers to vLLM, so the policy's modules_to_save="
+                f"{policy_lora.modules_to_save} copies would never reach it. Use vllm_sync_mode='merge'."
+            )
+        if args.use_vllm and isinstance(prm, LoraConfig):
+            check_lora_config(prm, "PRM", use_vllm=True)  # before TRL starts vLLM
         vllm_engine = engine_with_lora(policy_lora.r) if sync_mode == "lora" else nullcontext()
         with vllm_engine:
             super().__init__(
@@ -209,8 +216,10 @@ class PRIMETrainer(GRPOTrainer):
         base.__dict__.pop("forward", None)
         add_fused_lm_head(base, temperature=1.0)
         base.requires_grad_(False)
-        default_config = default_prm_lora_config(None, self.args.prm_lora_r, self.args.prm_lora_alpha)
-        host = add_prm_adapter(base, self.args.prm_adapter_name, prm, default_config)
+        default_config = default_prm_lora_config(
+            None, self.args.prm_lora_r, self.args.prm_lora_alpha, model=base, use_vllm=self.args.use_vllm
+        )
+        host = add_prm_adapter(base, self.args.prm_adapter_name, prm, default_config, self.args.use_vllm)
         if self.args.gradient_checkpointing:
             host.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
             host.enable_input_require_grads()
