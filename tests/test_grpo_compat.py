@@ -144,12 +144,14 @@ def scripted_generation(tokenizer):
 
 
 def spy_prime_step(monkeypatch):
-    """Record every (batch, PRIMEStep) of the trainer and every mask the PRM's CE loss sees."""
+    """Record every (batch, PRIMEStep) of the trainer, the implicit token rewards (``[B, T]``, placed on the batch's
+    rows) and every mask the PRM's CE loss sees."""
     import prime_trl.algo.core as core
     import prime_trl.trainer.prime_trainer as prime_trainer
 
-    seen = {"steps": [], "loss_masks": []}
-    original_step, original_loss = prime_trainer.prime_advantages, core.prm_ce_loss
+    seen = {"steps": [], "loss_masks": [], "token_rewards": []}
+    original_step, original_loss = prime_trainer.prime_step, core.prm_ce_loss
+    original_rewards = core.implicit_token_rewards
 
     def step(prm, batch, *args, **kwargs):
         result = original_step(prm, batch, *args, **kwargs)
@@ -160,8 +162,14 @@ def spy_prime_step(monkeypatch):
         seen["loss_masks"].append(mask.detach().clone())
         return original_loss(prm_logps, ref_logps, mask, *args, **kwargs)
 
-    monkeypatch.setattr(prime_trainer, "prime_advantages", step)
+    def rewards(prm_logps, ref_logps, mask, beta):
+        result = original_rewards(prm_logps, ref_logps, mask, beta)
+        seen["token_rewards"].append(result.detach().clone())
+        return result
+
+    monkeypatch.setattr(prime_trainer, "prime_step", step)
     monkeypatch.setattr(core, "prm_ce_loss", loss)
+    monkeypatch.setattr(core, "implicit_token_rewards", rewards)
     return seen
 
 
@@ -201,7 +209,10 @@ def check_prm_masks(seen, tokenizer, expect_masked_text):
     # The PRM's CE loss saw exactly TRL's loss mask (completion_mask * tool_mask), one micro-batch, rows in order.
     assert len(seen["loss_masks"]) == 1
     torch.testing.assert_close(seen["loss_masks"][0], batch.loss_mask.float())
-    assert (step.token_rewards[external] == 0).all() and (step.token_rewards[loss_mask] != 0).any()
+    # The step's own call (the last one: the CE loss calls it too); no filter, so every row of the batch, in order.
+    token_rewards = seen["token_rewards"][-1]
+    assert token_rewards.shape == loss_mask.shape
+    assert (token_rewards[external] == 0).all() and (token_rewards[loss_mask] != 0).any()
     assert (step.advantages[external] == 0).all() and (step.advantages[loss_mask] != 0).any()
 
 
