@@ -31,7 +31,7 @@ def test_no_reward_source_raises_trls_error(tiny_model_dir, tmp_path):
     [
         (coin_reward, TypeError),
         ([coin_reward, coin_reward], TypeError),
-        ("trl-internal-testing/tiny-Qwen2ForSequenceClassification-2.5", ValueError),
+        ("trl-internal-testing/tiny-Qwen2ForSequenceClassification-2.5", FileNotFoundError),
     ],
     ids=["function", "list", "reward-model-id"],
 )

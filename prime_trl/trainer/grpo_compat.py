@@ -48,7 +48,10 @@ def check_prm_argument(prm) -> None:
     )
     if isinstance(prm, (str, os.PathLike)):
         if not (Path(prm) / "adapter_config.json").is_file():
-            raise ValueError(f"prm={str(prm)!r} is not a saved PRM adapter directory (no adapter_config.json). {hint}")
+            raise FileNotFoundError(
+                f"prm={str(prm)!r} is not a saved PEFT adapter directory (no adapter_config.json). Pass the `prm/` "
+                f"folder of a prime-trl checkpoint or output directory. {hint}"
+            )
         return
     if callable(prm) or isinstance(prm, (list, tuple, torch.nn.Module)):
         name = getattr(prm, "__name__", type(prm).__name__)

@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--fixtures", type=Path, required=True, help="directory built by build_fixtures.py")
     parser.add_argument("--trainer", choices=("grpo", "prime"), default="grpo")
     parser.add_argument("--no-accuracy-filter", action="store_true", help="PRIMEConfig(accuracy_filter=False)")
+    parser.add_argument("--tests", type=Path, help="file of test ids (Class::test[param]), one a line: run only these")
     args, pytest_args = parser.parse_known_args()
     pytest_args = [a for a in pytest_args if a != "--"]
     if not (args.fixtures / "hf_home" / "hub").is_dir():
@@ -53,7 +54,11 @@ def main() -> int:
             PRIME_ACCURACY_FILTER="0" if args.no_accuracy_filter else "1",
             PYTHONPATH=os.pathsep.join([str(repo_root), str(HERE), tmp, os.environ.get("PYTHONPATH", "")]),
         )
-        command = [sys.executable, "-m", "pytest", "-p", "plugin", "--rootdir", tmp, "-o", "addopts=", str(package)]
+        targets = [str(package)]
+        if args.tests:
+            ids = [line.strip().split("test_grpo_trainer.py::")[-1] for line in args.tests.read_text().splitlines()]
+            targets = [f"{package / 'test_grpo_trainer.py'}::{test_id}" for test_id in ids if test_id]
+        command = [sys.executable, "-m", "pytest", "-p", "plugin", "--rootdir", tmp, "-o", "addopts=", *targets]
         return subprocess.call(command + pytest_args, cwd=tmp, env=env)
 
 
