@@ -140,10 +140,11 @@ def test_full_finetune_prm_gets_the_same_adapter_checks(tiny_model_dir, tmp_path
             reward_funcs=coin_reward,
             train_dataset=make_dataset(),
         )
-    with pytest.raises(ValueError, match="modules_to_save"):
+    # (modules_to_save is supported now, tests/test_grpo_compat.py; LoRA on lm_head is still refused)
+    with pytest.raises(ValueError, match="puts LoRA layers on lm_head"):
         PRIMETrainer(
             tiny_model_dir,
-            prm=LoraConfig(**LORA, modules_to_save=["embed_tokens"]),
+            prm=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]),
             args=make_args(tmp_path),
             reward_funcs=coin_reward,
             train_dataset=make_dataset(),
