@@ -268,3 +268,14 @@ def test_outcome_labels_group_mean_ties_are_not_correct():
     # a group whose scores all tie carries no signal: all 0, which the accuracy filter then drops
     labels = core.outcome_labels(t([4.0, 4.0, 4.0, 4.0]), 4, "group_mean", 0.5)
     assert labels.tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_outcome_sits_on_the_last_policy_token_of_a_mask_with_tool_holes():
+    # A tool result (0s) inside the completion: the outcome belongs to the last token the policy generated, not to
+    # position sum(mask) - 1 (which here is a tool-result token).
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    scores = torch.tensor([1.0, 0.0])
+    advantages = core.rloo_advantages(torch.zeros_like(mask), scores, mask, group_size=2, whiten=False)
+    # RLOO outcome returns: row 0 gets +1 on every policy token up to its last one (index 5), row 1 gets -1.
+    assert advantages[0].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    assert advantages[1].tolist() == [-1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0]

@@ -118,7 +118,14 @@ def test_entropies_agree_with_plain_forward(lora_model):
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels, fused_lm_head=True
         )
         _, entropy = prefix.shared_completion_log_probs(
-            lora_model, *vars(batch).values(), groups, fused=True, compute_entropy=True
+            lora_model,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.completion_ids,
+            batch.completion_mask,
+            groups,
+            fused=True,
+            compute_entropy=True,
         )
     torch.testing.assert_close(entropy, plain.entropy[:, -COMPLETION:], atol=1e-5, rtol=1e-5)
 

@@ -145,10 +145,11 @@ def test_full_finetune_prm_gets_the_same_adapter_checks(tiny_model_dir, tmp_path
             reward_funcs=coin_reward,
             train_dataset=make_dataset(),
         )
-    with pytest.raises(ValueError, match="modules_to_save"):
+    # (modules_to_save is supported now, tests/test_grpo_compat.py; LoRA on lm_head is still refused)
+    with pytest.raises(ValueError, match="puts LoRA layers on lm_head"):
         PRIMETrainer(
             tiny_model_dir,
-            prm=LoraConfig(**LORA, modules_to_save=["embed_tokens"]),
+            prm=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]),
             args=make_args(tmp_path),
             reward_funcs=coin_reward,
             train_dataset=make_dataset(),
@@ -287,13 +288,10 @@ def test_unknown_verifier_name(tiny_model_dir, tmp_path):
         make_trainer(tiny_model_dir, tmp_path, verifier="math")
 
 
-def test_args_must_be_prime_config(tiny_model_dir):
-    from trl import GRPOConfig
-
-    with pytest.raises(TypeError, match="PRIMEConfig"):
-        PRIMETrainer(
-            tiny_model_dir, args=GRPOConfig(output_dir="x", use_cpu=True, bf16=False), reward_funcs=coin_reward
-        )
+def test_args_must_be_a_config(tiny_model_dir):
+    # A GRPOConfig / TrainingArguments is converted (tests/test_grpo_compat.py); anything else is refused.
+    with pytest.raises(TypeError, match="args must be a PRIMEConfig, got dict"):
+        PRIMETrainer(tiny_model_dir, args={"output_dir": "x"}, reward_funcs=coin_reward)
 
 
 @pytest.mark.parametrize("generations_eval", [None, 1])

@@ -143,13 +143,16 @@ def test_lora_sync_rejects_server_mode():
         vllm_sync.resolve_sync_mode("lora", True, "server")
 
 
-def test_prm_config_may_not_save_whole_modules():
+def test_prm_config_may_not_save_whole_modules_with_vllm():
+    # Without vLLM the PRM keeps its own copies (tests/test_grpo_compat.py); TRL's vLLM sync knows only the policy's.
     config = LoraConfig(r=4, target_modules="all-linear", modules_to_save=["embed_tokens"])
-    assert default_prm_lora_config(config).modules_to_save is None
+    assert default_prm_lora_config(config, use_vllm=True).modules_to_save is None
+    assert default_prm_lora_config(config).modules_to_save == ["embed_tokens"]
     from prime_trl.algo.prm import check_lora_config
 
-    with pytest.raises(ValueError, match="modules_to_save"):
-        check_lora_config(config, "PRM")
+    check_lora_config(config, "PRM")
+    with pytest.raises(ValueError, match=r"modules_to_save=\['embed_tokens'\] and use_vllm=True"):
+        check_lora_config(config, "PRM", use_vllm=True)
 
 
 def test_exported_dir_is_a_peft_adapter(two_adapter_model, tmp_path, monkeypatch):

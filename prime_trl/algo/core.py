@@ -175,11 +175,15 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _last_token_one_hot(mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` one-hot at index ``L_i - 1`` (the first EOS, or the last token of a truncated row)."""
-    lengths = mask.sum(dim=-1).long()
+    """``[B, T]`` one-hot at each row's last valid token (the first EOS, or the last token of a truncated row).
+
+    The last position where ``mask`` is 1, not ``sum(mask) - 1``: a tool-calling mask has holes (tool results).
+    """
+    positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
+    last = (positions * (mask > 0)).max(dim=-1).values  # 1-based, 0 for an empty row
     one_hot = torch.zeros_like(mask)
-    rows = torch.nonzero(lengths > 0).squeeze(-1)
-    one_hot[rows, lengths[rows] - 1] = 1
+    rows = torch.nonzero(last > 0).squeeze(-1)
+    one_hot[rows, last[rows] - 1] = 1
     return one_hot
 
 

@@ -48,18 +48,34 @@ _BASE_MODIFYING_INITS = ("pissa", "olora", "loftq", "corda", "eva", "orthogonal"
 @dataclass
 class CompletionBatch:
     """Token tensors of ``B`` prompt + completion rows: prompts left-padded ``[B, P]``, completions right-padded
-    ``[B, T]``; ``completion_mask`` is 1 on completion tokens up to and including the first EOS."""
+    ``[B, T]``; ``completion_mask`` is 1 on completion tokens up to and including the first EOS.
+
+    ``tool_mask`` (TRL's, for tool calling, environments and ``rollout_func``'s ``env_mask``) is 0 on tokens the
+    policy did not generate (tool results, environment turns) and 1 elsewhere; ``None`` when there are none. Such
+    tokens stay in the context (attended to, as ``completion_mask`` says) but are never scored: `loss_mask` is
+    what the PRM loss, the token rewards and the advantages use.
+    """
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
+    tool_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
     def select(self, rows: torch.Tensor | slice) -> CompletionBatch:
-        return CompletionBatch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+        return CompletionBatch(
+            **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows] for f in fields(self)}
+        )
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """``[B, T]``: 1 on the completion tokens the policy generated (TRL's ``completion_mask * tool_mask``)."""
+        if self.tool_mask is None:
+            return self.completion_mask
+        return self.completion_mask * self.tool_mask.to(self.completion_mask.dtype)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -128,7 +144,7 @@ def fused_log_probs_at_temperature_one(model: PeftModel, cast_lm_head_to_fp32: b
 # --------------------------------------------------------------------------------------------------------------
 
 
-def check_lora_config(config: LoraConfig, role: str) -> None:
+def check_lora_config(config: LoraConfig, role: str, use_vllm: bool = False) -> None:
     """Reject LoRA settings PRIME cannot honour, with the fix in the message."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"The {role} adapter must be a peft.LoraConfig, got {type(config).__name__}.")
@@ -139,17 +155,79 @@ def check_lora_config(config: LoraConfig, role: str) -> None:
             "reference is the base with adapters disabled, so it would no longer be the starting model. Use "
             "init_lora_weights=True (or 'gaussian')."
         )
-    if role == "PRM" and config.modules_to_save:
+    if role == "PRM" and config.modules_to_save and use_vllm:
         raise ValueError(
-            f"The PRM adapter sets modules_to_save={config.modules_to_save}; TRL streams such module copies to vLLM "
-            "along with the policy. Give the PRM LoRA layers only (modules_to_save=None)."
+            f"The PRM adapter sets modules_to_save={config.modules_to_save} and use_vllm=True: TRL's vLLM weight "
+            "sync renames only the policy's full-module copies (modules_to_save.default.*), so the PRM's copies would "
+            "reach vLLM under names it does not know. Give the PRM LoRA layers only (prm=LoraConfig(..., "
+            "modules_to_save=None)) or train without vLLM."
         )
     targets = config.target_modules
     names = [targets] if isinstance(targets, str) else list(targets or [])
-    if "lm_head" in names or "lm_head" in (config.modules_to_save or []):
+    if "lm_head" in names:
         raise ValueError(
-            f"The {role} adapter targets lm_head; TRL computes log-probs from lm_head.weight directly, so an "
-            "adapter there would be ignored. Remove 'lm_head' from target_modules / modules_to_save."
+            f"The {role} adapter puts LoRA layers on lm_head; TRL computes log-probs from lm_head.weight directly, so "
+            "they would be ignored. Remove 'lm_head' from target_modules (modules_to_save=['lm_head'] works: each "
+            "adapter then trains its own copy of the head)."
+        )
+
+
+def _lora_refused_names(model: torch.nn.Module, names: set[str]) -> set[str]:
+    """The module names among ``names`` that PEFT refuses to wrap with LoRA on this architecture (the Mamba mixers'
+    ``out_proj`` / ``conv1d`` of NemotronH, Falcon-H1, Mamba, ...), by asking PEFT's own check."""
+    try:
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba as peft_check
+    except ImportError:  # a PEFT without the check: it will not refuse either
+        return set()
+    probe = LoraConfig()
+    refused = set()
+    for name in names:
+        try:
+            peft_check(probe, model, name)
+        except ValueError:
+            refused.add(name)
+    return refused
+
+
+def _linear_module_names(model: torch.nn.Module) -> set[str]:
+    """Leaf names of the model's linear layers, without the output head (what PEFT's ``all-linear`` means)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head and name
+    }
+
+
+def default_target_modules(model: torch.nn.Module | None) -> str | list[str]:
+    """The PRM adapter's default targets: ``"all-linear"``, minus the modules PEFT refuses on this architecture.
+
+    On hybrid Mamba models (e.g. NemotronH) that drops the mixers' ``out_proj`` (PEFT's rule) and keeps every
+    other linear layer, attention and Mamba ``in_proj`` included; everywhere else it is exactly ``"all-linear"``.
+    """
+    if model is None:
+        return "all-linear"
+    linear = _linear_module_names(model)
+    refused = _lora_refused_names(model, linear | {"conv1d"})
+    if not refused:
+        return "all-linear"
+    return sorted(linear - refused)
+
+
+def check_lora_targets(config: LoraConfig, model: torch.nn.Module, role: str) -> None:
+    """Refuse, before the adapter is built, targets that LoRA cannot wrap on this architecture, naming the module
+    and the targets that work."""
+    targets = config.target_modules
+    if targets is None or (isinstance(targets, str) and targets != "all-linear"):
+        return  # PEFT's per-architecture defaults, or a regex: PEFT checks those itself
+    names = _linear_module_names(model) if targets == "all-linear" else set(targets)
+    refused = _lora_refused_names(model, names)
+    if refused:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(
+            f"The {role} adapter targets {sorted(refused)} ({targets!r}), Mamba mixer modules of this {model_type} "
+            f"model that LoRA cannot wrap. Use target_modules={default_target_modules(model)!r}"
+            + (" or leave prm=None (its default skips them)." if role == "PRM" else ".")
         )
 
 
@@ -174,17 +252,27 @@ def check_new_prm_config(config: LoraConfig) -> None:
 
 
 def default_prm_lora_config(
-    policy_config: LoraConfig | None, r: int | None = None, alpha: int | None = None
+    policy_config: LoraConfig | None,
+    r: int | None = None,
+    alpha: int | None = None,
+    model: torch.nn.Module | None = None,
+    use_vllm: bool = False,
 ) -> LoraConfig:
-    """A new PRM adapter's settings: the policy's LoRA settings (or r=16, alpha=32 on all linear layers), with
-    dropout 0 (deterministic rewards) and zero-initialised ``B`` so that PRM == reference at step 0."""
+    """A new PRM adapter's settings: the policy's LoRA settings (or r=16, alpha=32 on the linear layers LoRA can
+    wrap in ``model``, see `default_target_modules`), with dropout 0 (deterministic rewards) and zero-initialised
+    ``B`` so that PRM == reference at step 0.
+
+    The policy's ``modules_to_save`` are kept: the PRM then trains its own copies of those modules (the policy
+    has its own, the reference uses the base's). Not with vLLM, whose weight sync knows only the policy's copies.
+    """
     if policy_config is not None:
         config = copy.deepcopy(policy_config)
     else:
-        config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+        config = LoraConfig(r=16, lora_alpha=32, target_modules=default_target_modules(model), task_type="CAUSAL_LM")
     config.lora_dropout = 0.0
     config.init_lora_weights = True
-    config.modules_to_save = None  # full module copies would be streamed to vLLM with the policy (see check)
+    if use_vllm:
+        config.modules_to_save = None  # see check_lora_config
     config.inference_mode = False
     if r is not None:
         config.r = r
@@ -206,7 +294,11 @@ def adapter_parameters(model: torch.nn.Module, adapter_name: str) -> list[torch.
 
 
 def add_prm_adapter(
-    model: torch.nn.Module, adapter_name: str, prm: LoraConfig | str | Path | None, default_config: LoraConfig
+    model: torch.nn.Module,
+    adapter_name: str,
+    prm: LoraConfig | str | Path | None,
+    default_config: LoraConfig,
+    use_vllm: bool = False,
 ) -> PeftModel:
     """Add the PRM adapter to ``model``: from a saved adapter directory, a `LoraConfig`, or ``default_config``.
 
@@ -225,13 +317,15 @@ def add_prm_adapter(
                 "folder of a prime-trl checkpoint or output directory."
             )
         config = LoraConfig.from_pretrained(str(path))
-        check_lora_config(config, "PRM")
+        check_lora_config(config, "PRM", use_vllm)
+        check_lora_targets(config, model, "PRM")
         config.inference_mode = False
     else:
         path = None
         config = prm if prm is not None else default_config
-        check_lora_config(config, "PRM")
+        check_lora_config(config, "PRM", use_vllm)
         check_new_prm_config(config)
+        check_lora_targets(config, model, "PRM")
         if config.lora_dropout:
             logger.warning(
                 "The PRM LoraConfig has lora_dropout=%s; implicit rewards will be noisy. PRIME uses 0.",
@@ -253,10 +347,11 @@ def attach_prm_adapter(model: PeftModel, config, prm: LoraConfig | str | Path | 
     ``config`` is a `PRIMEConfig` (or anything with its ``prm_*`` fields); a new adapter copies the policy's LoRA
     settings (see `default_prm_lora_config`).
     """
+    use_vllm = bool(getattr(config, "use_vllm", False))
     default_config = default_prm_lora_config(
-        model.peft_config[POLICY_ADAPTER], config.prm_lora_r, config.prm_lora_alpha
+        model.peft_config[POLICY_ADAPTER], config.prm_lora_r, config.prm_lora_alpha, use_vllm=use_vllm
     )
-    add_prm_adapter(model, config.prm_adapter_name, prm, default_config)
+    add_prm_adapter(model, config.prm_adapter_name, prm, default_config, use_vllm)
 
 
 def make_implicit_prm(
@@ -576,7 +671,7 @@ class ImplicitPRM:
         rows: torch.Tensor,
         group_context: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
-        mask = micro.completion_mask.to(prm_logps.dtype)
+        mask = micro.loss_mask.to(prm_logps.dtype)
         if self.loss_type == "ce":
             return core.prm_ce_loss(prm_logps, ref_logps, mask, labels, self.beta)
         group_log_ratios, group_labels = group_context
@@ -592,7 +687,7 @@ class ImplicitPRM:
         if group_ids is None:
             raise ValueError("The DPO PRM loss needs group_ids for every row.")
         scored = self.score(batch)
-        log_ratios = ((scored.prm_logps - scored.ref_logps) * batch.completion_mask).sum(-1)
+        log_ratios = ((scored.prm_logps - scored.ref_logps) * batch.loss_mask).sum(-1)
         all_ratios = distributed.gather_rows(log_ratios)
         all_labels = distributed.gather_rows(labels.to(log_ratios.dtype))
         all_groups = distributed.gather_rows(group_ids)

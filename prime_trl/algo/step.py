@@ -91,7 +91,8 @@ def prime_step(
     num_local = len(batch)
     local_rows = slice(distributed.rank() * num_local, (distributed.rank() + 1) * num_local)
     metrics: dict[str, float] = {}
-    all_mask = distributed.gather_rows(batch.completion_mask.float())
+    # The policy's own tokens (tool results / environment turns excluded, as in TRL's loss).
+    all_mask = distributed.gather_rows(batch.loss_mask.float())
     unscored = torch.isnan(labels)
     members = ~unscored & (all_mask.sum(-1) > 0)
     labels = core.outcome_labels(
@@ -124,12 +125,13 @@ def prime_step(
         else:
             prm_out = prm.score(kept_batch)
         token_rewards[local_kept] = core.implicit_token_rewards(
-            prm_out.prm_logps, prm_out.ref_logps, kept_batch.completion_mask.float(), settings.prime_beta
+            prm_out.prm_logps, prm_out.ref_logps, kept_batch.loss_mask.float(), settings.prime_beta
         )
         metrics.update(_prm_update_metrics(prm, prm_out))
 
     # Step 6 on the global batch, so that groups split over processes and the whitening see every row.
     all_rewards = distributed.gather_rows(token_rewards)
+    # Tool results / environment turns (loss_mask 0) get no process reward and no advantage, as in TRL's loss.
     mask = all_mask * kept_rows.unsqueeze(-1)
     metrics.update(_reward_metrics(all_rewards, mask, labels, kept_rows, group_size))
     kept_here = kept_rows[local_rows]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 from peft import LoraConfig, PeftModel
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
@@ -55,8 +55,8 @@ from prime_trl.rewards.reward_funcs import (
     check_dataset_columns,
     guard_reward_function,
     resolve_verifiers,
-    reward_func_list,
 )
+from prime_trl.trainer.grpo_compat import check_prm_argument, check_reward_source, to_prime_config
 from prime_trl.trainer.prime_config import PRIMEConfig
 from prime_trl.trainer.quantization import is_quantized, protect_4bit_base
 from prime_trl.trainer.vllm_sync import LoRAAdapterSync, engine_with_lora, guard_merge_sync, resolve_sync_mode
@@ -128,7 +128,7 @@ class PRIMETrainer(GRPOTrainer):
         prm: LoraConfig | str | os.PathLike | None = None,
         args: PRIMEConfig | None = None,
         *,
-        reward_funcs: Callable | list[Callable] | str | list[str],
+        reward_funcs: Callable | list[Callable] | str | list[str] | None = None,
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
@@ -137,16 +137,25 @@ class PRIMETrainer(GRPOTrainer):
         optimizers: tuple = (None, None),
         quantization_config=None,
         reward_processing_classes=None,
+        tools: list[Callable] | None = None,
+        rollout_func: Callable | None = None,
+        environment_factory: Callable | dict[str, Callable] | None = None,
     ):
+        check_prm_argument(prm)
         if args is None:
             model_name = model if isinstance(model, str) else type(model).__name__
             args = PRIMEConfig(output_dir=f"{str(model_name).rstrip('/').split('/')[-1]}-PRIME")
+        elif isinstance(args, TrainingArguments) and not isinstance(args, PRIMEConfig):
+            args = to_prime_config(args)
         elif not isinstance(args, PRIMEConfig):
             raise TypeError(
                 f"args must be a PRIMEConfig, got {type(args).__name__}. Build it with PRIMEConfig(...) (it accepts "
                 "every GRPOConfig field)."
             )
-        reward_funcs = reward_func_list(reward_funcs, "PRIMETrainer")
+        if reward_funcs is None:
+            reward_funcs = []
+        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        check_reward_source(reward_funcs, environment_factory)  # TRL's error when there is no reward source
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             check_dataset_columns(dataset, name, reward_funcs)
         if peft_config is not None:
@@ -161,6 +170,13 @@ class PRIMETrainer(GRPOTrainer):
         policy_lora = peft_config or (model.peft_config[POLICY_ADAPTER] if isinstance(model, PeftModel) else None)
         if sync_mode == "lora" and policy_lora is None:
             raise ValueError("vllm_sync_mode='lora' pushes the policy's LoRA adapter, so the policy must be LoRA.")
+        if sync_mode == "lora" and policy_lora.modules_to_save:
+            raise ValueError(
+                f"vllm_sync_mode='lora' pushes only LoRA layers to vLLM, so the policy's modules_to_save="
+                f"{policy_lora.modules_to_save} copies would never reach it. Use vllm_sync_mode='merge'."
+            )
+        if args.use_vllm and isinstance(prm, LoraConfig):
+            check_lora_config(prm, "PRM", use_vllm=True)  # before TRL starts vLLM
         vllm_engine = engine_with_lora(policy_lora.r) if sync_mode == "lora" else nullcontext()
         with vllm_engine:
             super().__init__(
@@ -175,6 +191,9 @@ class PRIMETrainer(GRPOTrainer):
                 optimizers=optimizers,
                 quantization_config=quantization_config,
                 peft_config=peft_config,
+                tools=tools,
+                rollout_func=rollout_func,
+                environment_factory=environment_factory,
             )
         self._install_vllm_sync(sync_mode)
         protect_4bit_base(self.model)  # QLoRA on CPU: eval-mode forwards must not repack the base (see module)
@@ -227,8 +246,10 @@ class PRIMETrainer(GRPOTrainer):
         base.__dict__.pop("forward", None)
         add_fused_lm_head(base, temperature=1.0)
         base.requires_grad_(False)
-        default_config = default_prm_lora_config(None, self.args.prm_lora_r, self.args.prm_lora_alpha)
-        host = add_prm_adapter(base, self.args.prm_adapter_name, prm, default_config)
+        default_config = default_prm_lora_config(
+            None, self.args.prm_lora_r, self.args.prm_lora_alpha, model=base, use_vllm=self.args.use_vllm
+        )
+        host = add_prm_adapter(base, self.args.prm_adapter_name, prm, default_config, self.args.use_vllm)
         if self.args.gradient_checkpointing:
             host.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
             host.enable_input_require_grads()
@@ -274,7 +295,11 @@ class PRIMETrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         batch = CompletionBatch(
-            output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"]
+            output["prompt_ids"],
+            output["prompt_mask"],
+            output["completion_ids"],
+            output["completion_mask"],
+            tool_mask=output.get("tool_mask"),  # tools / environments / rollout_func's env_mask (see CompletionBatch)
         )
         start_time = time.perf_counter()
         step = self._run_prime_step(batch, self._rewards_per_func, mode)
