@@ -541,6 +541,33 @@ def section_grading(name: str, report: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def section_real_model_learning(name: str, report: dict[str, Any]) -> list[str]:
+    """benchmarks/smollm2_learning.py: held-out sampled accuracy by step, PRIME vs outcome-only RLOO."""
+    runs = report.get("runs", {})
+    evaluation = report.get("eval", {})
+    lines = ["### SmolLM2-135M-Instruct on CPU: PRIME vs outcome-only RLOO (configs/smollm2-135m-cpu.yaml)", ""]
+    lines += _provenance(name, report)
+    lines += [
+        f"- {report.get('steps')} steps per run; held-out sampled accuracy (T as in the recipe) on "
+        f"{evaluation.get('prompts')} test prompts x {evaluation.get('samples')} samples, graded by final_answer",
+        "",
+    ]
+    steps = sorted({int(point[0]) for seeds in runs.values() for run in seeds.values() for point in run["curve"]})
+    header = ["method", "seeds"] + [f"step {step}" for step in steps] + ["s/step (median)"]
+    rows = []
+    for method, seeds in runs.items():
+        cells = [method, ", ".join(seeds)]
+        for step in steps:
+            values = [a for run in seeds.values() for s, a in run["curve"] if int(s) == step]
+            per_seed = " / ".join(_pct(v) for v in values)
+            cells.append(f"{_pct(sum(values) / len(values))} ({per_seed})" if values else "")
+        times = sorted(t for run in seeds.values() for t in run["seconds_per_step"])
+        cells.append(_num(times[len(times) // 2], 1) if times else "")
+        rows.append(cells)
+    lines += _table(header, rows)
+    return lines + [""]
+
+
 def section_other(name: str, report: dict[str, Any]) -> list[str]:
     return [f"### {name}", ""] + _provenance(name, report) + ["", "(no formatter for this result; see the file)", ""]
 
@@ -552,6 +579,8 @@ def _kind(name: str, report: dict[str, Any]) -> str:
         return "learning"
     if report.get("benchmark") == "grading_throughput":
         return "grading"
+    if report.get("benchmark") == "smollm2_learning":
+        return "real_model"
     return "other"
 
 
@@ -559,6 +588,7 @@ SECTIONS: dict[str, Callable[[str, dict[str, Any]], list[str]]] = {
     "overhead": section_overhead,
     "learning": section_learning,
     "grading": section_grading,
+    "real_model": section_real_model_learning,
     "other": section_other,
 }
 
@@ -584,7 +614,7 @@ def markdown(results: dict[str, dict[str, Any]], figures: dict[str, float | None
         ],
     )
     lines += ["", NOTES.strip(), ""]
-    order = {"learning": 0, "overhead": 1, "grading": 2, "other": 3}
+    order = {"learning": 0, "real_model": 1, "overhead": 2, "grading": 3, "other": 4}
     names = sorted(results, key=lambda n: (order[_kind(n, results[n])], n))
     lines += ["## Results", ""]
     for name in names:

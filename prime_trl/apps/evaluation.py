@@ -81,7 +81,10 @@ class EvalArguments:
     """Settings of ``prime-trl eval`` (every field is a ``--flag``; ``--config file.yaml`` works too)."""
 
     model: str = field(
-        metadata={"help": "Model to evaluate: hub id or local path (the base model when --adapter is given)."}
+        metadata={
+            "help": "Model to evaluate: hub id, local path, a .gguf file or smollm2-135m (the base model when "
+            "--adapter is given)."
+        }
     )
     data: str = field(
         metadata={
@@ -414,7 +417,10 @@ def load_policy(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from prime_trl.models import resolve_model
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = resolve_model(model)  # smollm2-135m, prime-demo and .gguf files become a model directory
     policy = AutoModelForCausalLM.from_pretrained(
         model, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code
     )

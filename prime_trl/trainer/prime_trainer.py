@@ -44,6 +44,7 @@ from prime_trl.algo.prm import (
     save_adapter,
 )
 from prime_trl.algo.step import PRIMESettings, labels_and_outcome, prime_step
+from prime_trl.models import SPECIAL_MODELS, drop_gguf_marker, is_gguf_path, resolve_model
 from prime_trl.rewards.reward_funcs import check_dataset_columns, guard_reward_function, resolve_verifier
 from prime_trl.trainer.prime_config import PRIMEConfig
 from prime_trl.trainer.quantization import is_quantized, protect_4bit_base
@@ -52,6 +53,33 @@ from prime_trl.trainer.vllm_sync import LoRAAdapterSync, engine_with_lora, guard
 logger = logging.getLogger(__name__)
 
 __all__ = ["PRM_DIR_NAME", "PRM_STATE_NAME", "PRIMETrainer"]  # the checkpoint names live in prime_trl.algo.prm
+
+
+def _resolve_model_source(model, args: PRIMEConfig, processing_class):
+    """GGUF start points and prime-trl's model names, before TRL loads the model (prime_trl.models).
+
+    A ``.gguf`` path, ``smollm2-135m`` or ``args.model_init_kwargs["gguf_file"]`` becomes the cached dequantized
+    directory (TRL's loader cannot read GGUF files); the rest of ``model_init_kwargs`` (dtype, quantization)
+    applies to that directory, so a 4-bit config re-quantizes the dequantized weights (QLoRA). A model instance
+    loaded from GGUF loses the marker that would make ``save_pretrained`` fail; its tokenizer is read from the
+    GGUF file when none is given.
+    """
+    if isinstance(model, str):
+        init_kwargs = dict(args.model_init_kwargs or {})
+        gguf_file = init_kwargs.pop("gguf_file", None)
+        if gguf_file is not None or model.lower() in SPECIAL_MODELS or is_gguf_path(model):
+            model = resolve_model(model, gguf_file=gguf_file, output_dir=args.output_dir, seed=args.seed)
+            args.model_init_kwargs = init_kwargs or None
+        return model, args, processing_class
+    gguf_file = drop_gguf_marker(model)
+    if gguf_file and processing_class is None:
+        from transformers import AutoTokenizer
+
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        processing_class = AutoTokenizer.from_pretrained(
+            inner.config._name_or_path, gguf_file=gguf_file, padding_side="left", truncation_side="left"
+        )
+    return model, args, processing_class
 
 
 class PRIMETrainer(GRPOTrainer):
@@ -63,7 +91,8 @@ class PRIMETrainer(GRPOTrainer):
     Args:
         model: hub id or local path, `PreTrainedModel`, or `PeftModel` whose policy adapter is ``default``. A plain
             model with ``peft_config=None`` is trained in full; its PRM then lives on one frozen copy of the
-            initial model, which is also the reference.
+            initial model, which is also the reference. A ``.gguf`` file (or ``args.model_init_kwargs["gguf_file"]``)
+            and the names ``smollm2-135m`` / ``prime-demo`` / ``tiny`` are resolved by `prime_trl.models`.
         prm: ``None`` (a zero-initialised adapter with the policy's LoRA settings, so PRM == reference at step 0),
             a `peft.LoraConfig`, or the directory of a saved PRM adapter (e.g. ``<checkpoint>/prm``).
         args: a `PRIMEConfig`.
@@ -138,6 +167,7 @@ class PRIMETrainer(GRPOTrainer):
         if isinstance(model, PeftModel):
             check_policy_adapter(model, "PRIMETrainer")
 
+        model, args, processing_class = _resolve_model_source(model, args, processing_class)
         quantized = quantization_config is not None or (not isinstance(model, str) and is_quantized(model))
         sync_mode = resolve_sync_mode(args.vllm_sync_mode, quantized, args.vllm_mode) if args.use_vllm else None
         policy_lora = peft_config or (model.peft_config[POLICY_ADAPTER] if isinstance(model, PeftModel) else None)
