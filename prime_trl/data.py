@@ -343,15 +343,15 @@ class DataFileError(ValueError):
 
 _TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
 _ROW_SHAPES = (
-    "expected 'prompt' + 'answer' (a math row; 'prompt' is a question or chat messages), 'prompt' + 'task' + "
-    "'answer'/'tests', 'problem'/'question' + 'answer', or Eurus-2 columns ('prompt', 'ability', 'reward_model')"
+    "expected 'prompt' + 'task' + 'answer'/'tests', 'prompt' + 'answer' (a math row; 'prompt' is a question or "
+    "chat messages), 'problem'/'question' + 'answer', or Eurus-2 columns ('prompt', 'ability', 'reward_model')"
 )
 
 
 def _read_table(path: Path) -> list[dict]:
     """The records of a .jsonl / .json / .parquet file; every problem is a `DataFileError` naming file and line."""
     if not path.is_file():
-        raise DataFileError(f"{path}: no such file; check the path (relative paths start at {Path.cwd()})")
+        raise DataFileError(f"{path} not found; check the path (relative paths start at {Path.cwd()})")
     if path.suffix not in _TABLE_SUFFIXES:
         raise DataFileError(
             f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(_TABLE_SUFFIXES)} "
@@ -366,7 +366,7 @@ def _read_table(path: Path) -> list[dict]:
                 records = json.loads(text)
             except json.JSONDecodeError as error:
                 raise DataFileError(
-                    f"{path}, line {error.lineno}: not valid JSON ({error.msg}); fix the file"
+                    f"{path}:{error.lineno}: not valid JSON ({error.msg}); expected a JSON list of objects"
                 ) from None
         else:
             records = []
@@ -377,14 +377,14 @@ def _read_table(path: Path) -> list[dict]:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise DataFileError(
-                        f"{path}, line {number}: not valid JSON ({error.msg}); expected one JSON object per line"
+                        f"{path}:{number}: not valid JSON ({error.msg}); expected one JSON object per line"
                     ) from None
     if not records:
         raise DataFileError(f"{path}: no rows; add one JSON object per line ({_ROW_SHAPES})")
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict):
             raise DataFileError(
-                f"{path}, row {number}: a {type(record).__name__}, not a JSON object; {_ROW_SHAPES} "
+                f"{path}: row {number} is a JSON {type(record).__name__}, not an object with named columns; {_ROW_SHAPES} "
                 '(e.g. {"prompt": "What is 2 + 2?", "answer": "4"})'
             )
     return records
@@ -392,7 +392,7 @@ def _read_table(path: Path) -> list[dict]:
 
 def _file_row(record: dict, path: Path, number: int, system_prompt: bool) -> dict:
     """One row of a user's file in our columns (see `load_prime_file`); `number` is 1-based, for messages."""
-    where = f"{path}, row {number}"
+    where = f"{path}: row {number}"
     if "ability" in record and "reward_model" in record:
         try:
             return _eurus_row(record, system_prompt)
@@ -467,7 +467,7 @@ def load_prime_file(path: str | os.PathLike, *, system_prompt: bool = True, limi
         row = _file_row(record, path, number, system_prompt)
         if rows and isinstance(rows[0]["prompt"], str) != isinstance(row["prompt"], str):
             raise DataFileError(
-                f"{path}, row {number}: plain-string and chat-message prompts are mixed; expected every prompt "
+                f"{path}: row {number}: plain-string and chat-message prompts are mixed; expected every prompt "
                 "written one way"
             )
         rows.append(row)

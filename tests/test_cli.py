@@ -221,9 +221,9 @@ def test_prime_demo_model_resolves_to_the_cached_warm_start(monkeypatch, tmp_pat
     [
         (
             '{"prompt": "1+1?", "answer": 2}\n{"prompt": "2+2?"}\n',
-            "row 2: columns ['prompt']; expected 'prompt' + 'answer'",
+            "row 2: columns ['prompt']; expected 'prompt' + 'task'",
         ),
-        ('{"prompt": "1+1?", "answer": 2}\nnot json\n', "line 2: not valid JSON"),
+        ('{"prompt": "1+1?", "answer": 2}\nnot json\n', "rows.jsonl:2: not valid JSON"),
     ],
 )
 def test_train_data_file_problem_is_a_one_line_usage_error(tmp_path, capsys, text, expected):

@@ -194,7 +194,7 @@ def test_eurus_rows_and_own_files(tmp_path):
     assert rows["prompt"][1][1]["content"] == "Print hi." + CODE_SUFFIX
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "hello"}))
-    with pytest.raises(ValueError, match="expected 'prompt' \\+ 'answer'"):
+    with pytest.raises(ValueError, match="expected 'prompt' \\+ 'task'"):
         load_prime_file(bad)
 
 
@@ -211,7 +211,7 @@ def test_prompt_and_answer_rows_are_math_rows(tmp_path):
     assert rows["prompt"][0] == messages
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(json.dumps({"prompt": messages, "answer": 5}) + "\n" + json.dumps({"prompt": "1+1?", "answer": 2}))
-    with pytest.raises(data.DataFileError, match="mixed.jsonl, row 2: plain-string and chat-message prompts are mixed"):
+    with pytest.raises(data.DataFileError, match="mixed.jsonl: row 2: plain-string and chat-message prompts are mixed"):
         load_prime_file(mixed)
 
 
@@ -221,17 +221,17 @@ def test_prompt_and_answer_rows_are_math_rows(tmp_path):
         (
             "bad.jsonl",
             '{"prompt": "1+1?", "answer": 2}\n{"prompt": "2+2?", "answer": 4\n',
-            r"bad.jsonl, line 2: not valid JSON",
+            r"bad.jsonl:2: not valid JSON",
         ),
         (
             "cols.jsonl",
             '{"prompt": "1+1?", "answer": 2}\n{"question": "2+2?"}\n',
-            r"cols.jsonl, row 2: columns \['question'\]",
+            r"cols.jsonl: row 2: columns \['question'\]",
         ),
         ("empty.jsonl", "\n\n", r"empty.jsonl: no rows"),
-        ("list.jsonl", "[1, 2]\n", r"list.jsonl, row 1: a list, not a JSON object"),
-        ("task.jsonl", '{"prompt": "x", "task": "physics", "answer": "1"}\n', r"task.jsonl, row 1: task 'physics'"),
-        ("blank.jsonl", '{"prompt": "x", "answer": ""}\n', r"blank.jsonl, row 1: empty 'answer'"),
+        ("list.jsonl", "[1, 2]\n", r"list.jsonl: row 1 is a JSON list, not an object"),
+        ("task.jsonl", '{"prompt": "x", "task": "physics", "answer": "1"}\n', r"task.jsonl: row 1: task 'physics'"),
+        ("blank.jsonl", '{"prompt": "x", "answer": ""}\n', r"blank.jsonl: row 1: empty 'answer'"),
         ("rows.csv", "prompt,answer\n", r"rows.csv: unsupported file type '.csv'"),
     ],
 )

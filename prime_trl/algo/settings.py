@@ -114,7 +114,7 @@ class PRIMESettings:
             "help": "Run each prompt once per micro-batch and let the K completions of its group reuse its key/value "
             "states, in the reference and PRM passes and in the policy's log-prob passes; log-probs agree with the "
             "plain forward to float rounding. Applied per micro-batch where rows share a prompt and it saves at "
-            "least 10% of the tokens; skipped, with the reason logged once, for models or set-ups it does not "
+            "least 10%% of the tokens; skipped, with the reason logged once, for models or set-ups it does not "
             "support (sliding-window attention, FSDP / ZeRO-3, reentrant gradient checkpointing on a gradient pass)."
         },
     )
