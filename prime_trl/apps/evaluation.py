@@ -87,7 +87,10 @@ class EvalArguments:
     """Settings of ``prime-trl eval`` (every field is a ``--flag``; ``--config file.yaml`` works too)."""
 
     model: str = field(
-        metadata={"help": "Model to evaluate: hub id or local path (the base model when --adapter is given)."}
+        metadata={
+            "help": "Model to evaluate: hub id, local path, a .gguf file or smollm2-135m (the base model when "
+            "--adapter is given)."
+        }
     )
     data: str = field(
         metadata={
@@ -420,12 +423,15 @@ def load_policy(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from prime_trl.models import resolve_model
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():  # before the slow load
         raise FileNotFoundError(
             f"--adapter {adapter}: no adapter_config.json there. Pass the output_dir of `prime-trl train` (the "
             "policy adapter is saved at its root) or a checkpoint-N directory."
         )
+    model = resolve_model(model)  # smollm2-135m, prime-demo and .gguf files become a model directory
     policy = AutoModelForCausalLM.from_pretrained(
         model, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code
     )

@@ -237,7 +237,10 @@ def load_prm(
         if not model:
             raise ValueError(f"{prm_dir}/adapter_config.json names no base model; pass --model.")
         logger.info("Base model from the adapter config: %s", model)
+    from prime_trl.models import resolve_model
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = resolve_model(model)  # smollm2-135m, prime-demo and .gguf files become a model directory
     if quantization_config is None:
         base = AutoModelForCausalLM.from_pretrained(model, dtype=_resolve_dtype(dtype)).to(device)
     else:

@@ -74,6 +74,7 @@ from prime_trl.algo.prm import (
 from prime_trl.algo.rollout import cut_at_first_eos, left_padded_prompts, pad_and_eos_token_ids, prompt_token_ids
 from prime_trl.algo.settings import PRIMESettings
 from prime_trl.algo.step import PRIMEStep, verifier_scores_and_outcome
+from prime_trl.models import drop_gguf_marker, resolve_model
 
 # The reward-function guard and the dataset check are PRIMETrainer's, shared rather than copied.
 from prime_trl.rewards.reward_funcs import (
@@ -183,7 +184,9 @@ class PRIMEModule(pl.LightningModule):
         prm: ``None`` (a zero-initialised adapter with the policy's LoRA settings: PRM == reference at step 0), a
             `LoraConfig`, or the directory of a saved PRM adapter (e.g. ``<PRIMETrainer output>/prm``).
         tokenizer: defaults to the model's.
-        model_init_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` when ``model`` is a string.
+        model_init_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` when ``model`` is a string; a
+            ``gguf_file`` entry (or a ``model`` ending in ``.gguf``, or ``smollm2-135m``) loads a GGUF file, dequantized
+            once and cached (`prime_trl.models.resolve_model`).
 
     Example:
         ```python
@@ -263,7 +266,12 @@ class PRIMEModule(pl.LightningModule):
     def _build_policy(self, model, peft_config: LoraConfig | None, init_kwargs: dict) -> PeftModel:
         """The policy as a `PeftModel` with adapter ``default`` trainable and TRL's fused LM head on its base."""
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model, **init_kwargs)
+            # Model names (smollm2-135m, prime-demo) and GGUF files become a loadable directory (prime_trl.models).
+            init_kwargs = dict(init_kwargs)
+            path = resolve_model(model, gguf_file=init_kwargs.pop("gguf_file", None))
+            model = AutoModelForCausalLM.from_pretrained(path, **init_kwargs)
+        else:
+            drop_gguf_marker(model)
         if isinstance(model, PeftModel):
             if peft_config is not None:
                 raise ValueError("Pass either a PeftModel or peft_config, not both.")

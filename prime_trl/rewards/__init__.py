@@ -21,7 +21,15 @@ from prime_trl.rewards.code import (
     parse_tests,
     score_code,
 )
-from prime_trl.rewards.math import MathGrader, extract_boxed, grade_answer, make_math_reward, math_reward
+from prime_trl.rewards.math import (
+    MathGrader,
+    extract_boxed,
+    extract_final_answer,
+    final_answer_reward,
+    grade_answer,
+    make_math_reward,
+    math_reward,
+)
 from prime_trl.rewards.sandbox import (
     UNSANDBOXED_ENV,
     CaseResult,
@@ -47,6 +55,8 @@ __all__ = [
     "bwrap_status",
     "code_reward",
     "extract_boxed",
+    "extract_final_answer",
+    "final_answer_reward",
     "extract_code",
     "grade_answer",
     "make_code_reward",

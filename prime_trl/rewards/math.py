@@ -29,7 +29,15 @@ from prime_trl.rewards._common import check_column, completion_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MathGrader", "extract_boxed", "grade_answer", "make_math_reward", "math_reward"]
+__all__ = [
+    "MathGrader",
+    "extract_boxed",
+    "extract_final_answer",
+    "final_answer_reward",
+    "grade_answer",
+    "make_math_reward",
+    "math_reward",
+]
 
 _WORKER_SOURCE = Path(__file__).with_name("_math_worker.py").read_text()
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -326,11 +334,39 @@ def math_reward(completions: list, answer: list | None = None, **kwargs: Any) ->
     return _math_reward(completions, answer, _get_default_grader(), kwargs)
 
 
-def _math_reward(completions: list, answer: list | None, grader: MathGrader, kwargs: dict) -> list[float]:
+_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The last ``\\boxed{}`` of `text` if it has one, else its last number (``"9 + 4 = 13."`` -> ``"13"``)."""
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    numbers = _NUMBER_RE.findall(text.replace(",", ""))
+    return numbers[-1] if numbers else None
+
+
+def final_answer_reward(completions: list, answer: list | None = None, **kwargs: Any) -> list[float]:
+    """TRL reward function like `math_reward`, for models that answer in plain text: the answer is the last
+    ``\\boxed{}`` when there is one, else the last number of the completion (graded by the same math-verify
+    workers). Fits short numeric tasks and small instruct models that rarely box their answers."""
+    return _math_reward(
+        completions, answer, _get_default_grader(), kwargs, extract_final_answer, "final_answer_reward/no_answer"
+    )
+
+
+def _math_reward(
+    completions: list,
+    answer: list | None,
+    grader: MathGrader,
+    kwargs: dict,
+    extract: Callable[[str], str | None] = extract_boxed,
+    missing_metric: str = "math_reward/no_boxed_answer",
+) -> list[float]:
     answers = check_column("answer", answer, len(completions), reward="math_reward", hint="the reference answer")
-    predictions = [extract_boxed(completion_text(c)) for c in completions]
+    predictions = [extract(completion_text(c)) for c in completions]
     scores = [1.0 if ok else 0.0 for ok in grader.grade(predictions, answers)]
     log_metric = kwargs.get("log_metric")
     if callable(log_metric) and predictions:
-        log_metric("math_reward/no_boxed_answer", sum(p is None for p in predictions) / len(predictions))
+        log_metric(missing_metric, sum(p is None for p in predictions) / len(predictions))
     return scores

@@ -51,6 +51,7 @@ from prime_trl.algo.prm import (
 )
 from prime_trl.algo.step import PRIMESettings, PRIMEStep, prime_step, verifier_scores_and_outcome
 from prime_trl.apps.scoring import ScoredResponse, html_page
+from prime_trl.models import SPECIAL_MODELS, drop_gguf_marker, is_gguf_path, resolve_model
 from prime_trl.rewards.reward_funcs import (
     check_dataset_columns,
     guard_reward_function,
@@ -69,6 +70,33 @@ KEPT_ROWS_KEY = "prime_kept"  # [B] bool in TRL's batch dict: rows that train (s
 ROW_MEAN_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")  # TRL loss types that divide by the micro-batch's row count
 
 
+def _resolve_model_source(model, args: PRIMEConfig, processing_class):
+    """GGUF start points and prime-trl's model names, before TRL loads the model (prime_trl.models).
+
+    A ``.gguf`` path, ``smollm2-135m`` or ``args.model_init_kwargs["gguf_file"]`` becomes the cached dequantized
+    directory (TRL's loader cannot read GGUF files); the rest of ``model_init_kwargs`` (dtype, quantization)
+    applies to that directory, so a 4-bit config re-quantizes the dequantized weights (QLoRA). A model instance
+    loaded from GGUF loses the marker that would make ``save_pretrained`` fail; its tokenizer is read from the
+    GGUF file when none is given.
+    """
+    if isinstance(model, str):
+        init_kwargs = dict(args.model_init_kwargs or {})
+        gguf_file = init_kwargs.pop("gguf_file", None)
+        if gguf_file is not None or model.lower() in SPECIAL_MODELS or is_gguf_path(model):
+            model = resolve_model(model, gguf_file=gguf_file, output_dir=args.output_dir, seed=args.seed)
+            args.model_init_kwargs = init_kwargs or None
+        return model, args, processing_class
+    gguf_file = drop_gguf_marker(model)
+    if gguf_file and processing_class is None:
+        from transformers import AutoTokenizer
+
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        processing_class = AutoTokenizer.from_pretrained(
+            inner.config._name_or_path, gguf_file=gguf_file, padding_side="left", truncation_side="left"
+        )
+    return model, args, processing_class
+
+
 class PRIMETrainer(GRPOTrainer):
     """PRIME (Cui et al., 2025, arXiv:2502.01456) on TRL's `GRPOTrainer`.
 
@@ -81,6 +109,8 @@ class PRIMETrainer(GRPOTrainer):
             initial model, which is also the reference. A `PeftModel`'s trained ``default`` adapter (e.g. SFT) is
             merged into a non-quantized base first, so that it starts policy, PRM and reference alike (see
             `merge_start_adapter`).
+            initial model, which is also the reference. A ``.gguf`` file (or ``args.model_init_kwargs["gguf_file"]``)
+            and the names ``smollm2-135m`` / ``prime-demo`` / ``tiny`` are resolved by `prime_trl.models`.
         prm: ``None`` (a zero-initialised adapter with the policy's LoRA settings, so PRM == reference at step 0),
             a `peft.LoraConfig`, or the directory of a saved PRM adapter (e.g. ``<checkpoint>/prm``).
         args: a `PRIMEConfig`.
@@ -165,6 +195,7 @@ class PRIMETrainer(GRPOTrainer):
             if peft_config is None:
                 model, peft_config = merge_start_adapter(model)
 
+        model, args, processing_class = _resolve_model_source(model, args, processing_class)
         quantized = quantization_config is not None or (not isinstance(model, str) and is_quantized(model))
         sync_mode = resolve_sync_mode(args.vllm_sync_mode, quantized, args.vllm_mode) if args.use_vllm else None
         policy_lora = peft_config or (model.peft_config[POLICY_ADAPTER] if isinstance(model, PeftModel) else None)
