@@ -3,13 +3,16 @@
     python benchmarks/report.py
 
 Reads what the benchmark scripts wrote (``overhead.py`` -> ``overhead_demo.json`` / ``overhead_large.json``,
-``learning.py`` -> ``learning_default.json`` / ``learning_hard.json``, ``grading_throughput.py`` ->
+``learning.py`` -> ``learning_default.json`` / ``learning_hard.json`` and ``regime_<name>.json`` (issue 16's
+regimes, ``--phases regime``), ``grading_throughput.py`` ->
 ``grading_throughput.json``; any other JSON is listed with its command) and writes:
 
 - ``BENCHMARKS.md``: every figure with the command that reproduces it, the machine and the date, the plots, and
   the issue's goals with met / not met;
 - ``benchmarks/results.json``: the headline figures (a number each; ``null`` when the benchmark behind it has
-  not been run), plus ``*_hard`` variants of the learning figures for the hard task.
+  not been run), plus ``*_hard`` variants of the learning figures for the hard task and, per regime,
+  ``final_acc_prime_<regime>``, ``final_acc_rloo_<regime>``, ``seeds_<regime>`` and
+  ``steps_fraction_prime_to_rloo_final_<regime>``.
 
 Overhead ratios are medians of pair-by-pair ratios; learning figures are means over seeds of the final held-out
 evaluation on the test split (sampled at T=1 unless stated).
@@ -151,6 +154,7 @@ def headline(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
             "peak_mem_ratio_shared_over_separate_large": _median(_get(large, "peak_mem_ratio_shared_over_separate")),
         }
     )
+    figures.update(regime_headline(results))
     missing = [k for k in HEADLINE_KEYS if figures.get(k) is None]
     if missing:
         logger.warning("headline figures without a measurement (null): %s", ", ".join(missing))
@@ -541,6 +545,98 @@ def section_grading(name: str, report: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+# Why each regime came out as it did (issue 16): what the numbers alone do not say. Keyed by regime name.
+REGIME_NOTES: dict[str, str] = {}
+
+
+def regime_headline(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Per regime (``regime_<name>.json``): PRIME's and RLOO's final sampled accuracy, the seeds, and PRIME's steps to
+    reach RLOO's final as a fraction of RLOO's (keys suffixed ``_<name>``)."""
+    figures: dict[str, float | None] = {}
+    for file_name in sorted(n for n in results if n.startswith("regime_")):
+        report, name = results[file_name], file_name.removeprefix("regime_")
+        arms = report.get("arms", {})
+        seeds = [len(arm["seeds"]) for label, arm in arms.items() if label in ("prime", "rloo")]
+        figures.update(
+            {
+                f"final_acc_prime_{name}": _get(arms, "prime", "final_sampled_accuracy", "mean"),
+                f"final_acc_rloo_{name}": _get(arms, "rloo", "final_sampled_accuracy", "mean"),
+                f"seeds_{name}": min(seeds) if seeds else None,
+                f"steps_fraction_prime_to_rloo_final_{name}": report.get("steps_fraction_prime_to_rloo_final"),
+            }
+        )
+    return figures
+
+
+def section_regime(name: str, report: dict[str, Any]) -> list[str]:
+    """One regime of issue 16: arms table with s.e., PRIME vs RLOO verdict, PRM over training, curves."""
+    regime, evaluation = report.get("regime", name), report.get("evaluation", {})
+    comparison, start = report.get("comparison", {}), report.get("start", {})
+    lines = [f"### Regime: {regime}", "", f"Question: {report.get('question')}.", ""]
+    lines += _provenance(name, report)
+    lines += [
+        f"- task: {report.get('task')} `{json.dumps(report.get('task_config'))}`; warm start "
+        f"`{report.get('warm_start')}`: sampled {_pct(start.get('sampled_accuracy'))}, greedy "
+        f"{_pct(start.get('greedy_accuracy'))} on the evaluation prompts",
+        f"- {report.get('steps')} steps per run; held-out evaluation on the {evaluation.get('split')} split: "
+        f"{evaluation.get('prompts')} prompts x {evaluation.get('samples_per_prompt')} samples at T=1, every "
+        f"{evaluation.get('every_steps')} steps; settings for every arm `{json.dumps(report.get('base_settings'))}` "
+        "(the default task's validated PRIME settings, not re-tuned here) plus the arm's change",
+        "",
+        f"![regime {regime}](benchmarks/results/{name}.png)",
+        "",
+    ]
+    rows = []
+    for label, arm in report.get("arms", {}).items():
+        final = arm.get("final_sampled_accuracy")
+        prm, loc = arm.get("final_prm_accuracy"), arm.get("final_localisation")
+        chance = arm.get("final_localisation_chance")
+        steps_to = arm.get("steps_to_rloo_final")
+        rows.append(
+            [
+                label,
+                f"`{json.dumps(arm.get('overrides') or {})}`"
+                + (f" ({arm['phase']} runs)" if arm.get("phase", "regime") != "regime" else ""),
+                len(arm.get("seeds", [])),
+                f"{_pct_se(final)} [{_pct(final['min'])}, {_pct(final['max'])}]" if final else "-",
+                _pct(_get(arm, "final_greedy_accuracy", "mean")),
+                _pct(_get(arm, "final_sampled_all_steps_correct", "mean")),
+                "not reached" if steps_to is None else f"{steps_to:.0f}",
+                _pct_se(prm) if prm else "-",
+                f"{_pct(loc['mean'])} (chance {_pct(chance['mean'])})" if loc and chance else "-",
+            ]
+        )
+    lines += _table(
+        [
+            "arm",
+            "change",
+            "seeds",
+            "final sampled acc. (mean +- s.e. [min, max])",
+            "greedy",
+            "all steps right",
+            "steps to RLOO's final",
+            "final held-out PRM acc.",
+            "localisation",
+        ],
+        rows,
+    )
+    fraction = report.get("steps_fraction_prime_to_rloo_final")
+    lines += [
+        "",
+        f"**Verdict: {comparison.get('verdict')}**: PRIME - RLOO = {_pct(comparison.get('diff'))} +- "
+        f"{_pct(comparison.get('se'))} s.e. (RLOO's final {_pct(report.get('rloo_final_sampled_accuracy'))}; PRIME's "
+        f"steps to reach it / RLOO's: {_num(fraction)}).",
+    ]
+    prime_curves = _get(report, "arms", "prime", "curves") or {}
+    if "prm_accuracy" in prime_curves:
+        curve = prime_curves["prm_accuracy"]
+        points = ", ".join(f"{step}: {_pct(m)}" for step, m in zip(curve["steps"], curve["mean"]))
+        lines += ["", f"PRIME's held-out PRM pairwise accuracy over training (seed means; step: value): {points}."]
+    if REGIME_NOTES.get(regime):
+        lines += ["", REGIME_NOTES[regime].strip()]
+    return lines + [""]
+
+
 def section_other(name: str, report: dict[str, Any]) -> list[str]:
     return [f"### {name}", ""] + _provenance(name, report) + ["", "(no formatter for this result; see the file)", ""]
 
@@ -552,6 +648,8 @@ def _kind(name: str, report: dict[str, Any]) -> str:
         return "learning"
     if report.get("benchmark") == "grading_throughput":
         return "grading"
+    if report.get("benchmark") == "learning_regime":
+        return "regime"
     return "other"
 
 
@@ -559,6 +657,7 @@ SECTIONS: dict[str, Callable[[str, dict[str, Any]], list[str]]] = {
     "overhead": section_overhead,
     "learning": section_learning,
     "grading": section_grading,
+    "regime": section_regime,
     "other": section_other,
 }
 
@@ -584,7 +683,7 @@ def markdown(results: dict[str, dict[str, Any]], figures: dict[str, float | None
         ],
     )
     lines += ["", NOTES.strip(), ""]
-    order = {"learning": 0, "overhead": 1, "grading": 2, "other": 3}
+    order = {"learning": 0, "regime": 1, "overhead": 2, "grading": 3, "other": 4}
     names = sorted(results, key=lambda n: (order[_kind(n, results[n])], n))
     lines += ["## Results", ""]
     for name in names:

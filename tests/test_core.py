@@ -208,3 +208,13 @@ def test_leave_one_out_outcome_advantages_sum_to_zero_per_group(seed):
     adv = core.rloo_advantages(torch.zeros_like(mask), scores, mask, group_size, whiten=False)
     per_row = adv[:, 0]  # the outcome advantage is the same on every valid token of a row
     torch.testing.assert_close(per_row.view(groups, group_size).sum(-1), torch.zeros(groups, dtype=torch.float64))
+
+
+def test_accuracy_gate_scales_from_chance_to_the_gate():
+    assert core.accuracy_gate(0.9, 0.7) == 1.0
+    assert core.accuracy_gate(0.7, 0.7) == 1.0
+    assert core.accuracy_gate(0.6, 0.7) == pytest.approx(0.5)
+    assert core.accuracy_gate(0.5, 0.7) == 0.0
+    assert core.accuracy_gate(0.3, 0.7) == 0.0  # below chance: no process reward at all
+    with pytest.raises(ValueError, match="gate"):
+        core.accuracy_gate(0.8, 0.5)
