@@ -26,6 +26,13 @@ Optional extra phases (not run by default; ~25 min on 2 cores):
    double update, DPO PRM loss; the batch size also for RLOO) on the validation split with the tuning seeds
    (~30 min per task).
 
+7. ``regime`` (issue 16; ``--regimes``, ``--seeds``): where PRIME's dense reward should pay off, each regime a
+   controlled PRIME vs outcome-only RLOO comparison at the same settings (``REGIMES``): ``sparse`` /
+   ``sparse_lb0`` (8-step chains, a warm start right on ~1 in 10 samples; filter [0.2, 0.8] / lower bound 0),
+   ``systematic`` (a warm start whose teacher erred on ``*`` steps only), ``prm_gate`` / ``prm_pretrain`` (remedies
+   for the PRM losing to the policy on the default task, against its final / ablation runs). Writes
+   ``benchmarks/results/regime_<name>.json`` and ``.png``.
+
 Every run is its own subprocess (``OMP_NUM_THREADS=1``, one torch thread; ``--jobs`` at a time) and writes
 ``benchmarks/results/learning_runs/<task>/<phase>/<name>.json``; existing files are skipped, so an interrupted
 benchmark resumes where it stopped. At the end ``benchmarks/results/learning_<task>.json`` and ``.png`` are
@@ -39,6 +46,7 @@ step localisation (``prime_trl.demo.metrics``).
     python benchmarks/learning.py --phases ablation diagnostic     # the optional extra phases
     python benchmarks/learning.py --tasks default --phases pilot    # the pilots that narrowed the grid
     python benchmarks/learning.py --aggregate-only                 # rebuild the JSON / PNG from run files
+    python benchmarks/learning.py --phases regime --regimes sparse_lb0 systematic --seeds 0 1 2 --jobs 1
 """
 
 from __future__ import annotations
@@ -138,8 +146,9 @@ class Regime:
     question: str
 
 
-_SPARSE_SHAPE = dict(steps=60, eval_every=20, eval_prompts=200, eval_samples=4)
-_SYSTEMATIC_SHAPE = dict(steps=100, eval_every=25, eval_prompts=300, eval_samples=4)
+# Reduced shapes (2 shared CPU cores): an 8-step chain costs ~2-3x a default-task step to generate and score.
+_SPARSE_SHAPE = dict(steps=50, eval_every=25, eval_prompts=150, eval_samples=4)
+_SYSTEMATIC_SHAPE = dict(steps=80, eval_every=40, eval_prompts=200, eval_samples=4)
 # The default task's final shape with fewer evaluations: evaluation never touches the training RNG, so these runs
 # train exactly as the final phase's and compare with them at the shared evaluation steps.
 _REMEDY_SHAPE = dict(steps=160, eval_every=40, eval_prompts=500, eval_samples=4)
@@ -809,9 +818,10 @@ def run_regimes(
     """Run (unless ``aggregate_only``) and report the regimes: ``regime_<name>.json`` / ``.png`` per regime."""
     failed: list[RunSpec] = []
     for name in names:
-        if not aggregate_only:
-            for specs in regime_specs(name, seeds, arms).values():
-                failed += run_specs([s for s in specs if s.phase == "regime"], jobs)  # baselines: their own phase
+        if not aggregate_only:  # seed by seed across arms, so that a cut-short run still compares the arms
+            by_arm = regime_specs(name, seeds, arms).values()
+            todo = [spec for per_seed in zip(*by_arm) for spec in per_seed if spec.phase == "regime"]
+            failed += run_specs(todo, jobs)  # baseline arms (final / ablation phase) are run by their own phase
         command = f"python benchmarks/learning.py --phases regime --regimes {name} --seeds {' '.join(map(str, seeds))}"
         report = aggregate_regime(name, seeds, command)
         if report is None:
