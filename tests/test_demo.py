@@ -345,3 +345,17 @@ def test_report_regime_headline_keys():
     assert figures["seeds_sparse"] == 3 and figures["steps_fraction_prime_to_rloo_final_sparse"] == 0.5
     section = "\n".join(report.section_regime("regime_sparse", results["regime_sparse"]))
     assert "**Verdict: PRIME beats RLOO**" in section and "regime_sparse.png" in section
+
+
+def test_demo_tasks_and_bad_task_name():
+    from prime_trl.demo.run import DEMO_TASKS, run_demo
+    from prime_trl.demo.warmstart import DEFAULT_SFT, HARD_SFT, default_sft_config
+
+    # default and hard keep their warm starts (same SFT configs, so the same cache keys as before)
+    assert DEMO_TASKS["default"].sft == DEFAULT_SFT and DEMO_TASKS["hard"].sft == HARD_SFT
+    assert default_sft_config(DEMO_TASKS["sparse"].task) == DEMO_TASKS["sparse"].sft
+    assert DEMO_TASKS["systematic"].sft.error_operators == "*"
+    with pytest.raises(ValueError, match="task='nope' is not a demo task; choose one of default, hard, sparse"):
+        run_demo(task="nope")
+    with pytest.raises(ValueError, match="contradict"):
+        run_demo(task="sparse", hard=True)
