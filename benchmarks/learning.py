@@ -148,7 +148,7 @@ class Regime:
 
 # Reduced shapes (2 shared CPU cores): an 8-step chain costs ~2-3x a default-task step to generate and score.
 _SPARSE_SHAPE = dict(steps=30, eval_every=15, eval_prompts=100, eval_samples=4)
-_SYSTEMATIC_SHAPE = dict(steps=80, eval_every=40, eval_prompts=200, eval_samples=4)
+_SYSTEMATIC_SHAPE = dict(steps=40, eval_every=20, eval_prompts=150, eval_samples=4)
 # The default task's final shape with fewer evaluations: evaluation never touches the training RNG, so these runs
 # train exactly as the final phase's and compare with them at the shared evaluation steps.
 _REMEDY_SHAPE = dict(steps=160, eval_every=40, eval_prompts=500, eval_samples=4)
