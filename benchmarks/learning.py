@@ -640,7 +640,7 @@ def plot_regime(report: dict[str, Any], path: Path) -> None:
             color=color,
             alpha=0.2,
         )
-        curves = arm["curves"]
+        curves = arm["curves"] if arm.get("method") == "prime" else {}  # outcome-only RLOO logs an untrained PRM
         if "prm_accuracy" in curves:
             axes[1].plot(
                 curves["prm_accuracy"]["steps"],

@@ -546,7 +546,23 @@ def section_grading(name: str, report: dict[str, Any]) -> list[str]:
 
 
 # Why each regime came out as it did (issue 16): what the numbers alone do not say. Keyed by regime name.
-REGIME_NOTES: dict[str, str] = {}
+REGIME_NOTES: dict[str, str] = {
+    "sparse_lb0": """
+**Why.** The warm start that fit the CPU budget (`SPARSE_SFT`: 300 SFT steps of 32 rows, step error 0.1) answers
+right on only ~1.8% of its samples and never writes a fully right 8-step chain: far sparser than the 5-15% aimed
+at, so almost every group is all-wrong. With the filter's lower bound at 0 those groups reach the PRM, and its CE
+loss on all-zero labels is met by lowering the PRM's likelihood of whatever the policy samples (PRM loss 0.69 ->
+0.03 or less within 5-15 steps in every seed): the implicit reward turns into "less of what you do now" on every token,
+and the process return pushes the policy off its own samples. Sampled and greedy accuracy fall to ~0, chain
+lengths drift (58-100 tokens against 70 at the start, by seed) and localisation ends below chance. Outcome-only
+RLOO gets no gradient from all-wrong groups and stays near the warm start (its drift from 1.8% to 0.9% is
+sampling noise on 1-2 right samples per batch). PRIME loses, by 2.2 s.e., at a level where neither method learns;
+the paper's lower bound (0.2) exists to keep these groups away from the PRM. At this success rate the steps
+fraction is undefined (both arms are at or below RLOO's final from step 0). Not run: the same task with the
+paper's filter (at ~2% success nearly every group would be filtered out), and a warm start inside the 5-15% band
+(about 5x this SFT's compute: the 800 x 64 schedule of the other tasks).
+""",
+}
 
 
 def regime_headline(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
