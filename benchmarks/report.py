@@ -562,6 +562,17 @@ fraction is undefined (both arms are at or below RLOO's final from step 0). Not 
 paper's filter (at ~2% success nearly every group would be filtered out), and a warm start inside the 5-15% band
 (about 5x this SFT's compute: the 800 x 64 schedule of the other tasks).
 """,
+    "systematic": """
+**Why.** The warm start (`SYSTEMATIC_SFT`: the default task's SFT schedule, the teacher wrong on half of its `*`
+steps and never on `+` / `-`) samples right answers 55% of the time (greedy 85%). In these 40 steps both methods
+gain the same ~7 points, as on the default task, where outcome-only RLOO removes sampled noise as fast as PRIME.
+The PRM did not become informative in time: held-out pairwise accuracy 58% at step 20 and 51% at step 40 (the
+default task's final runs: ~80% by step 20-40), and it puts its lowest reward on the first wrong step no more
+often than chance (40% vs 39%). An error kind that repeats across problems did not make the implicit PRM learn
+faster here; with no informative PRM the process reward is noise of the same size as on the default task, and
+the two methods tie. Not run (CPU budget): longer runs (the default task's PRM needed 20-40 steps), and a
+systematic error in carrying or operand copying rather than in one operator's results.
+""",
 }
 
 
