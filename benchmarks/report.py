@@ -558,9 +558,17 @@ lengths drift (58-100 tokens against 70 at the start, by seed) and localisation 
 RLOO gets no gradient from all-wrong groups and stays near the warm start (its drift from 1.8% to 0.9% is
 sampling noise on 1-2 right samples per batch). PRIME loses, by 2.2 s.e., at a level where neither method learns;
 the paper's lower bound (0.2) exists to keep these groups away from the PRM. At this success rate the steps
-fraction is undefined (both arms are at or below RLOO's final from step 0). Not run: the same task with the
-paper's filter (at ~2% success nearly every group would be filtered out), and a warm start inside the 5-15% band
-(about 5x this SFT's compute: the 800 x 64 schedule of the other tasks).
+fraction is undefined (both arms are at or below RLOO's final from step 0). The same task with the paper's filter
+(regime `sparse`) ties. Not run: a warm start inside the 5-15% band (about 5x this SFT's compute: the 800 x 64
+schedule of the other tasks).
+""",
+    "sparse": """
+**Why.** The same ~1.8% warm start as `sparse_lb0`, with the paper's filter [0.2, 0.8]: a group passes only if at
+least one of its 4 samples is right, so the pass rate is 0 on most steps (0-38% per step, 3 seeds) and both
+methods barely train: both end at 0.9% (tie; the drift from 1.8% is sampling noise on a handful of right
+samples). The PRM sees only the few mixed groups. This is the regime the issue's hypothesis needs a denser warm
+start for (5-15% sampled), which did not fit the CPU budget; at ~2% neither the filter nor PRIME's process
+reward gives the policy anything to learn from.
 """,
     "systematic": """
 **Why.** The warm start (`SYSTEMATIC_SFT`: the default task's SFT schedule, the teacher wrong on half of its `*`

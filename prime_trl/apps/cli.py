@@ -101,7 +101,7 @@ class DemoArguments:
         default="default",
         metadata={
             "help": "Demo task variant: default (3-4 operands), hard (5-6 operands), sparse (8-step chains, warm "
-            "start right in ~1 of 10 samples) or systematic (a warm start that errs on '*' steps only).",
+            "start right on ~2 in 100 samples) or systematic (a warm start that errs on '*' steps only).",
             "choices": ["default", "hard", "sparse", "systematic"],
         },
     )
