@@ -572,14 +572,16 @@ reward gives the policy anything to learn from.
 """,
     "prm_gate": """
 **Why.** The gate (`process_reward_accuracy_gate=0.7`) scales the process reward by the running training-batch
-PRM accuracy. Early on the PRM is accurate and the gated runs match plain PRIME point for point (56% at step 40,
-70% at step 80 in both: same seeds, same training); from step ~100, when the PRM's accuracy on the policy's own
-samples falls (plain PRIME's held-out PRM accuracy: 83% at step 40, 51% at step 160), the gate turns the process
-reward down and PRIME drifts towards outcome-only RLOO: 76.9% final against plain PRIME's 76.0% (+0.9 +- 0.5
-points, 1.6 s.e.: not significant) and RLOO's 77.0% (tie). Its PRM also ends higher on held-out pairs (59% vs
-51%). So the gate removes the late harm of a PRM the policy has outgrown, but it cannot make the PRM help: at
-best PRIME becomes RLOO. Runs: 3 seeds, evaluated every 40 steps (evaluation does not touch the training RNG,
-so the baselines' runs, evaluated every 20, train identically and compare at the shared steps). Not run: the PRM
+PRM accuracy. Early on the PRM is accurate and the gated runs match plain PRIME's sampled accuracy exactly (55.6%
+at step 40, 70.2% at step 80: same seeds, same training, so the gate stayed at full weight); after step 80, when
+the PRM's accuracy on the policy's own samples falls (plain PRIME's held-out PRM accuracy: 83% at step 40, 51% at
+step 160), the gate turns the process reward down and PRIME drifts towards outcome-only RLOO: 76.9% final against
+plain PRIME's 76.0% (+0.9 +- 0.5 points, 1.6 s.e.: not significant) and RLOO's 77.0% (tie). So the gate removes
+the late harm of a PRM the policy has outgrown, but it cannot make the PRM help: at best PRIME becomes RLOO.
+Caveat: the baselines' held-out PRM and localisation figures were recorded before the demo metrics moved to
+`prime_trl.scoring` (sampled accuracy is unaffected and matches to the last digit), so compare the PRM columns
+across arms with care. Runs: 3 seeds, evaluated every 40 steps (evaluation does not touch the training RNG, so
+the baselines' runs, evaluated every 20, train identically and compare at the shared steps). Not run: the PRM
 warm-up (`prm_pretrain`), a higher PRM lr late, process_reward_coef 0.5 / 2 / 5, 500-step runs.
 """,
     "systematic": """
