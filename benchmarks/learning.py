@@ -26,6 +26,13 @@ Optional extra phases (not run by default; ~25 min on 2 cores):
    double update, DPO PRM loss; the batch size also for RLOO) on the validation split with the tuning seeds
    (~30 min per task).
 
+7. ``regime`` (issue 16; ``--regimes``, ``--seeds``): where PRIME's dense reward should pay off, each regime a
+   controlled PRIME vs outcome-only RLOO comparison at the same settings (``REGIMES``): ``sparse`` /
+   ``sparse_lb0`` (8-step chains, a warm start right on ~2% of samples; filter [0.2, 0.8] / lower bound 0),
+   ``systematic`` (a warm start whose teacher erred on ``*`` steps only), ``prm_gate`` / ``prm_pretrain`` (remedies
+   for the PRM losing to the policy on the default task, against its final / ablation runs). Writes
+   ``benchmarks/results/regime_<name>.json`` and ``.png``.
+
 Every run is its own subprocess (``OMP_NUM_THREADS=1``, one torch thread; ``--jobs`` at a time) and writes
 ``benchmarks/results/learning_runs/<task>/<phase>/<name>.json``; existing files are skipped, so an interrupted
 benchmark resumes where it stopped. At the end ``benchmarks/results/learning_<task>.json`` and ``.png`` are
@@ -39,6 +46,7 @@ step localisation (``prime_trl.demo.metrics``).
     python benchmarks/learning.py --phases ablation diagnostic     # the optional extra phases
     python benchmarks/learning.py --tasks default --phases pilot    # the pilots that narrowed the grid
     python benchmarks/learning.py --aggregate-only                 # rebuild the JSON / PNG from run files
+    python benchmarks/learning.py --phases regime --regimes sparse_lb0 systematic --seeds 0 1 2 --jobs 1
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "benchmarks" / "results"
 RUNS = RESULTS / "learning_runs"
-TASK_NAMES = ("default", "hard")
+TASK_NAMES = ("default", "hard")  # the tuned tasks; the other demo tasks are regimes (REGIMES)
 METHOD_ORDER = ("prime", "rloo", "grpo")
 
 logger = logging.getLogger("learning")
@@ -112,6 +120,95 @@ PILOTS: list[tuple[str, dict[str, float], int]] = [
 ]
 
 
+# Regimes where PRIME's dense reward should pay off (issue 16; ``--phases regime``). Each is a controlled comparison
+# of PRIME with outcome-only RLOO at the *same* settings - the default task's validated PRIME settings, policy lr
+# 3e-4 for both methods (RLOO's own validation optimum on the default task, 1e-3, ended 0.5 points higher there)
+# - not re-tuned per regime (CPU budget). Arms labelled "prime" and "rloo" give the verdict; other arms are shown
+# beside them. An arm may name an existing phase ("final", "ablation") to reuse those runs as its baseline.
+REGIME_BASE = {"learning_rate": 3e-4, "prm_learning_rate": 3e-3}
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    method: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    phase: str = "regime"
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One comparison: a demo task, its arms, the run shape (steps / evaluation) and what it tests."""
+
+    task: str
+    arms: tuple[Arm, ...]
+    shape: dict[str, int]
+    question: str
+
+
+# Reduced shapes (2 shared CPU cores): an 8-step chain costs ~2-3x a default-task step to generate and score.
+_SPARSE_SHAPE = dict(steps=30, eval_every=15, eval_prompts=100, eval_samples=4)
+_SYSTEMATIC_SHAPE = dict(steps=40, eval_every=20, eval_prompts=150, eval_samples=4)
+# The default task's final shape with fewer evaluations: evaluation never touches the training RNG, so these runs
+# train exactly as the final phase's and compare with them at the shared evaluation steps.
+_REMEDY_SHAPE = dict(steps=160, eval_every=40, eval_prompts=500, eval_samples=4)
+_DEFAULT_BASELINES = (
+    Arm("prime_plain", "prime", phase="final"),
+    Arm("rloo", "rloo", {}, phase="ablation"),
+)
+REGIMES: dict[str, Regime] = {
+    "sparse": Regime(
+        "sparse",
+        (Arm("prime", "prime"), Arm("rloo", "rloo")),
+        _SPARSE_SHAPE,
+        "8-step chains, a warm start aimed at 5-15% right samples (measured below); accuracy filter [0.2, 0.8] as in the paper",
+    ),
+    "sparse_lb0": Regime(
+        "sparse",
+        (Arm("prime", "prime", {"accuracy_lower_bound": 0.0}), Arm("rloo", "rloo", {"accuracy_lower_bound": 0.0})),
+        _SPARSE_SHAPE,
+        "the sparse task with the filter's lower bound at 0: all-wrong groups reach PRIME's PRM and advantages",
+    ),
+    "systematic": Regime(
+        "systematic",
+        (Arm("prime", "prime"), Arm("rloo", "rloo")),
+        _SYSTEMATIC_SHAPE,
+        "default task, a warm start whose teacher erred on '*' steps only (half of them), never on '+' / '-'",
+    ),
+    "prm_gate": Regime(
+        "default",
+        (Arm("prime", "prime", {"process_reward_accuracy_gate": 0.7}), *_DEFAULT_BASELINES),
+        _REMEDY_SHAPE,
+        "the PRM losing to the policy: process reward gated by the training-batch PRM accuracy (gate 0.7)",
+    ),
+    "prm_pretrain": Regime(
+        "default",
+        (Arm("prime", "prime", {"prm_pretrain_batches": 4}), *_DEFAULT_BASELINES),
+        _REMEDY_SHAPE,
+        "the PRM losing to the policy: 4 PRM warm-up batches before the policy's first update",
+    ),
+}
+
+
+def regime_specs(name: str, seeds: Sequence[int], arms: Sequence[str] | None = None) -> dict[str, list]:
+    """Per arm label, the run specs of regime ``name`` (baseline arms in their own phase and shape)."""
+    regime = REGIMES[name]
+    specs = {}
+    for arm in regime.arms:
+        if arms is not None and arm.label not in arms:
+            continue
+        settings = {**REGIME_BASE, **arm.overrides}
+        if arm.method != "prime":
+            settings.pop("prm_learning_rate")
+        if arm.phase == "regime":
+            shape = regime.shape
+        else:  # the existing runs of that phase: their settings and shape exactly
+            settings = {k: v for k, v in settings.items() if k in ("learning_rate", "prm_learning_rate")}
+            shape = DEFAULTS
+        specs[arm.label] = [RunSpec(regime.task, arm.phase, arm.method, s, settings, **shape) for s in seeds]
+    return specs
+
+
 # --------------------------------------------------------------------------------------------------------------
 # One run
 # --------------------------------------------------------------------------------------------------------------
@@ -153,9 +250,10 @@ class RunSpec:
 
 
 def task_config(name: str):
-    from prime_trl.demo.task import TaskConfig
+    """The demo task's problems (``prime_trl.demo.run.DEMO_TASKS``: default, hard, sparse, systematic)."""
+    from prime_trl.demo.run import DEMO_TASKS
 
-    return {"default": TaskConfig(), "hard": TaskConfig.hard()}[name]
+    return DEMO_TASKS[name].task
 
 
 def run_one(spec: RunSpec) -> dict[str, Any]:
@@ -163,13 +261,14 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from prime_trl.demo.run import RLSettings, train_and_evaluate
+    from prime_trl.demo.run import DEMO_TASKS, RLSettings, train_and_evaluate
     from prime_trl.demo.task import make_splits
     from prime_trl.demo.warmstart import get_warm_start
 
     task = task_config(spec.task)
     settings = RLSettings(method=spec.method, **spec.settings)
-    model_path = get_warm_start(task, seed=0)  # one warm start per task; the RL seed varies
+    # one warm start per task; the RL seed varies
+    model_path = get_warm_start(task, sft_config=DEMO_TASKS[spec.task].sft, seed=0, progress=False)
     splits = make_splits(0, task)
     prompts = list(splits[spec.split]["prompt"][: spec.eval_prompts])
     with tempfile.TemporaryDirectory(prefix="prime-learning-") as output_dir:
@@ -455,6 +554,119 @@ def summarise_diagnostic(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | Non
     return {"seeds": [r["seed"] for r in runs], "settings": runs[0]["settings"], "curves": curves}
 
 
+def compare(prime: dict[str, float], rloo: dict[str, float]) -> dict[str, Any]:
+    """PRIME - RLOO of two ``mean_se`` final figures, its standard error (independent seeds) and the verdict:
+    PRIME beats / loses to RLOO when the difference exceeds 2 standard errors, else a tie."""
+    diff = prime["mean"] - rloo["mean"]
+    se = math.sqrt(prime["se"] ** 2 + rloo["se"] ** 2)
+    if math.isnan(se):
+        verdict = "n/a (fewer than 2 seeds)"
+    elif diff > 2 * se:
+        verdict = "PRIME beats RLOO"
+    elif diff < -2 * se:
+        verdict = "PRIME loses to RLOO"
+    else:
+        verdict = "tie (within 2 s.e.)"
+    return {"diff": diff, "se": se, "verdict": verdict}
+
+
+def aggregate_regime(name: str, seeds: Sequence[int], command: str) -> dict[str, Any] | None:
+    """The report of one regime (``regime_<name>.json``): every arm's summary against RLOO's final accuracy, PRIME
+    vs RLOO's difference with its verdict, and PRIME's steps to reach RLOO's final as a fraction of RLOO's."""
+    regime = REGIMES[name]
+    runs = {
+        label: sorted(load_runs(specs), key=lambda r: r["seed"]) for label, specs in regime_specs(name, seeds).items()
+    }
+    runs = {label: rs for label, rs in runs.items() if rs}
+    if "prime" not in runs or "rloo" not in runs:
+        return None
+    rloo_final = mean_se([r["eval"][-1]["sampled_accuracy"] for r in runs["rloo"]])
+    arms = {label: summarise_method(rs, rloo_final["mean"]) for label, rs in runs.items()}
+    for arm in regime.arms:
+        if arm.label in arms:
+            arms[arm.label].update(method=arm.method, overrides=arm.overrides, phase=arm.phase)
+    prime_steps, rloo_steps = arms["prime"]["steps_to_rloo_final"], arms["rloo"]["steps_to_rloo_final"]
+    everything = [r for rs in runs.values() for r in rs]
+    first = runs["prime"][0]
+    return {
+        "benchmark": "learning_regime",
+        "regime": name,
+        "task": regime.task,
+        "question": regime.question,
+        "task_config": task_config(regime.task).to_dict(),
+        "command": command,
+        "machine": machine(),
+        "date": " .. ".join(sorted({min(r["finished"] for r in everything), max(r["finished"] for r in everything)})),
+        "warm_start": first["warm_start"],
+        "base_settings": REGIME_BASE,
+        "evaluation": {
+            "split": "test",
+            "prompts": first["spec"]["eval_prompts"],
+            "samples_per_prompt": first["spec"]["eval_samples"],
+            "every_steps": first["spec"]["eval_every"],
+            "temperature": 1.0,
+        },
+        "steps": first["steps"],
+        "start": {
+            key: statistics.fmean(r["eval"][0][key] for r in everything)
+            for key in ("sampled_accuracy", "greedy_accuracy", "sampled_all_steps_correct")
+        },
+        "arms": arms,
+        "comparison": compare(arms["prime"]["final_sampled_accuracy"], arms["rloo"]["final_sampled_accuracy"]),
+        "rloo_final_sampled_accuracy": rloo_final["mean"],
+        "steps_fraction_prime_to_rloo_final": prime_steps / rloo_steps
+        if prime_steps is not None and rloo_steps
+        else None,
+    }
+
+
+def plot_regime(report: dict[str, Any], path: Path) -> None:
+    """Held-out sampled accuracy per arm (mean over seeds, band = +-1 s.e.) and PRIME's PRM over training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (label, arm) in enumerate(report["arms"].items()):
+        curve = arm["curves"]["sampled_accuracy"]
+        se = [0.0 if math.isnan(v) else v for v in curve["se"]]
+        color = {"prime": "C3", "rloo": "C0"}.get(label, f"C{i + 2}")
+        axes[0].plot(curve["steps"], curve["mean"], "o-", ms=3, color=color, label=label)
+        axes[0].fill_between(
+            curve["steps"],
+            [m - e for m, e in zip(curve["mean"], se)],
+            [m + e for m, e in zip(curve["mean"], se)],
+            color=color,
+            alpha=0.2,
+        )
+        curves = arm["curves"] if arm.get("method") == "prime" else {}  # outcome-only RLOO logs an untrained PRM
+        if "prm_accuracy" in curves:
+            axes[1].plot(
+                curves["prm_accuracy"]["steps"],
+                curves["prm_accuracy"]["mean"],
+                "o-",
+                color=color,
+                label=f"{label}: held-out",
+            )
+        if "train_prm_accuracy" in curves:
+            c = curves["train_prm_accuracy"]
+            axes[1].plot(c["steps"], c["mean"], "-", color=color, alpha=0.5, label=f"{label}: training batches")
+        if "localisation" in curves:
+            c = curves["localisation"]
+            axes[1].plot(c["steps"], c["mean"], "s--", color=color, alpha=0.7, label=f"{label}: localisation")
+    axes[0].set(title="held-out accuracy, sampled T=1", xlabel="step")
+    axes[0].legend()
+    axes[1].axhline(0.5, color="grey", lw=0.8, ls=":")
+    axes[1].set(title="PRIME's implicit PRM: pairwise accuracy, localisation", xlabel="step", ylim=(0, 1))
+    axes[1].legend(fontsize=7)
+    seeds = len(report["arms"]["prime"]["seeds"])
+    fig.suptitle(f"Regime {report['regime']} ({report['task']} task, {seeds} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def machine() -> dict[str, Any]:
     return {
         "uname": " ".join(platform.uname()),
@@ -600,15 +812,40 @@ def plot(report: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def run_regimes(
+    names: Sequence[str], seeds: Sequence[int], jobs: int, arms: Sequence[str] | None, aggregate_only: bool
+) -> list[RunSpec]:
+    """Run (unless ``aggregate_only``) and report the regimes: ``regime_<name>.json`` / ``.png`` per regime."""
+    failed: list[RunSpec] = []
+    for name in names:
+        if not aggregate_only:  # seed by seed across arms, so that a cut-short run still compares the arms
+            by_arm = regime_specs(name, seeds, arms).values()
+            todo = [spec for per_seed in zip(*by_arm) for spec in per_seed if spec.phase == "regime"]
+            failed += run_specs(todo, jobs)  # baseline arms (final / ablation phase) are run by their own phase
+        command = f"python benchmarks/learning.py --phases regime --regimes {name} --seeds {' '.join(map(str, seeds))}"
+        report = aggregate_regime(name, seeds, command)
+        if report is None:
+            logger.warning("regime %s: no PRIME or no RLOO runs yet; nothing to report", name)
+            continue
+        (RESULTS / f"regime_{name}.json").write_text(json.dumps(report, indent=2))
+        plot_regime(report, RESULTS / f"regime_{name}.png")
+        logger.info("wrote %s: %s", RESULTS / f"regime_{name}.json", report["comparison"])
+    return failed
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=list(TASK_NAMES))
     parser.add_argument(
         "--phases",
         nargs="+",
-        choices=("pilot", "tune", "final", "ablation", "diagnostic", "knobs"),
+        choices=("pilot", "tune", "final", "ablation", "diagnostic", "knobs", "regime"),
         default=["tune", "final"],
     )
+    parser.add_argument(
+        "--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES), help="regimes of --phases regime"
+    )
+    parser.add_argument("--arms", nargs="+", help="only these arms of each regime (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="seeds of the final runs")
     parser.add_argument("--tune-seeds", nargs="+", type=int, default=list(TUNE_SEEDS))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each single-threaded)")
@@ -633,6 +870,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     failed: list[RunSpec] = []
     if "pilot" in options.phases and not options.aggregate_only:
         failed += run_specs(pilot_specs(), options.jobs)
+    if "regime" in options.phases:
+        failed += run_regimes(options.regimes, options.seeds, options.jobs, options.arms, options.aggregate_only)
+        options.tasks = []  # a regime run never re-runs or re-aggregates the per-task phases
     for task in options.tasks:
         if "tune" in options.phases and not options.aggregate_only:
             failed += run_specs(tune_specs(task, tune_seeds), options.jobs)

@@ -3,14 +3,16 @@
     python benchmarks/report.py
 
 Reads what the benchmark scripts wrote (``overhead.py`` -> ``overhead_demo.json`` / ``overhead_large.json``,
-``learning.py`` -> ``learning_default.json`` / ``learning_hard.json``, ``grading_throughput.py`` ->
-``grading_throughput.json``, ``prefix_cost.py`` -> ``prefix_<model>_<prompt>_k<K>.json`` and
-``split_*.json``; any other JSON is listed with its command) and writes:
+``learning.py`` -> ``learning_default.json`` / ``learning_hard.json`` and ``regime_<name>.json`` (issue 16's
+regimes, ``--phases regime``), ``grading_throughput.py`` -> ``grading_throughput.json``, ``prefix_cost.py`` ->
+``prefix_<model>_<prompt>_k<K>.json`` and ``split_*.json``; any other JSON is listed with its command) and writes:
 
 - ``BENCHMARKS.md``: every figure with the command that reproduces it, the machine and the date, the plots, and
   the issue's goals with met / not met;
 - ``benchmarks/results.json``: the headline figures (a number each; ``null`` when the benchmark behind it has
-  not been run), plus ``*_hard`` variants of the learning figures for the hard task.
+  not been run), plus ``*_hard`` variants of the learning figures for the hard task and, per regime,
+  ``final_acc_prime_<regime>``, ``final_acc_rloo_<regime>``, ``seeds_<regime>`` and
+  ``steps_fraction_prime_to_rloo_final_<regime>``.
 
 Overhead ratios are medians of pair-by-pair ratios; learning figures are means over seeds of the final held-out
 evaluation on the test split (sampled at T=1 unless stated).
@@ -161,6 +163,7 @@ def headline(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         }
     )
     figures.update(prefix_headline(results))
+    figures.update(regime_headline(results))
     missing = [k for k in HEADLINE_KEYS if figures.get(k) is None]
     if missing:
         logger.warning("headline figures without a measurement (null): %s", ", ".join(missing))
@@ -748,6 +751,147 @@ def section_real_model_learning(name: str, report: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+# Why each regime came out as it did (issue 16): what the numbers alone do not say. Keyed by regime name.
+REGIME_NOTES: dict[str, str] = {
+    "sparse_lb0": """
+**Why.** The warm start that fit the CPU budget (`SPARSE_SFT`: 300 SFT steps of 32 rows, step error 0.1) answers
+right on only ~1.8% of its samples and never writes a fully right 8-step chain: far sparser than the 5-15% aimed
+at, so almost every group is all-wrong. With the filter's lower bound at 0 those groups reach the PRM, and its CE
+loss on all-zero labels is met by lowering the PRM's likelihood of whatever the policy samples (PRM loss 0.69 ->
+0.03 or less within 5-15 steps in every seed): the implicit reward turns into "less of what you do now" on every token,
+and the process return pushes the policy off its own samples. Sampled and greedy accuracy fall to ~0, chain
+lengths drift (58-100 tokens against 70 at the start, by seed) and localisation ends below chance. Outcome-only
+RLOO gets no gradient from all-wrong groups and stays near the warm start (its drift from 1.8% to 0.9% is
+sampling noise on 1-2 right samples per batch). PRIME loses, by 2.2 s.e., at a level where neither method learns;
+the paper's lower bound (0.2) exists to keep these groups away from the PRM. At this success rate the steps
+fraction is undefined (both arms are at or below RLOO's final from step 0). The same task with the paper's filter
+(regime `sparse`) ties. Not run: a warm start inside the 5-15% band (about 5x this SFT's compute: the 800 x 64
+schedule of the other tasks).
+""",
+    "sparse": """
+**Why.** The same ~1.8% warm start as `sparse_lb0`, with the paper's filter [0.2, 0.8]: a group passes only if at
+least one of its 4 samples is right, so the pass rate is 0 on most steps (0-38% per step, 3 seeds) and both
+methods barely train: both end at 0.9% (tie; the drift from 1.8% is sampling noise on a handful of right
+samples). The PRM sees only the few mixed groups. This is the regime the issue's hypothesis needs a denser warm
+start for (5-15% sampled), which did not fit the CPU budget; at ~2% neither the filter nor PRIME's process
+reward gives the policy anything to learn from.
+""",
+    "prm_gate": """
+**Why.** The gate (`process_reward_accuracy_gate=0.7`) scales the process reward by the running training-batch
+PRM accuracy. Early on the PRM is accurate and the gated runs match plain PRIME's sampled accuracy exactly (55.6%
+at step 40, 70.2% at step 80: same seeds, same training, so the gate stayed at full weight); after step 80, when
+the PRM's accuracy on the policy's own samples falls (plain PRIME's held-out PRM accuracy: 83% at step 40, 51% at
+step 160), the gate turns the process reward down and PRIME drifts towards outcome-only RLOO: 76.9% final against
+plain PRIME's 76.0% (+0.9 +- 0.5 points, 1.6 s.e.: not significant) and RLOO's 77.0% (tie). So the gate removes
+the late harm of a PRM the policy has outgrown, but it cannot make the PRM help: at best PRIME becomes RLOO.
+Caveat: the baselines' held-out PRM and localisation figures were recorded before the demo metrics moved to
+`prime_trl.scoring` (sampled accuracy is unaffected and matches to the last digit), so compare the PRM columns
+across arms with care. Runs: 3 seeds, evaluated every 40 steps (evaluation does not touch the training RNG, so
+the baselines' runs, evaluated every 20, train identically and compare at the shared steps). Not run: the PRM
+warm-up (`prm_pretrain`), a higher PRM lr late, process_reward_coef 0.5 / 2 / 5, 500-step runs.
+""",
+    "systematic": """
+**Why.** The warm start (`SYSTEMATIC_SFT`: the default task's SFT schedule, the teacher wrong on half of its `*`
+steps and never on `+` / `-`) samples right answers 55% of the time (greedy 85%). In these 40 steps both methods
+gain the same ~7 points, as on the default task, where outcome-only RLOO removes sampled noise as fast as PRIME.
+The PRM did not become informative in time: held-out pairwise accuracy 58% at step 20 and 51% at step 40 (the
+default task's final runs: ~80% by step 20-40), and it puts its lowest reward on the first wrong step no more
+often than chance (40% vs 39%). An error kind that repeats across problems did not make the implicit PRM learn
+faster here; with no informative PRM the process reward is noise of the same size as on the default task, and
+the two methods tie. Not run (CPU budget): longer runs (the default task's PRM needed 20-40 steps), and a
+systematic error in carrying or operand copying rather than in one operator's results.
+""",
+}
+
+
+def regime_headline(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Per regime (``regime_<name>.json``): PRIME's and RLOO's final sampled accuracy, the seeds, and PRIME's steps to
+    reach RLOO's final as a fraction of RLOO's (keys suffixed ``_<name>``)."""
+    figures: dict[str, float | None] = {}
+    for file_name in sorted(n for n in results if n.startswith("regime_")):
+        report, name = results[file_name], file_name.removeprefix("regime_")
+        arms = report.get("arms", {})
+        seeds = [len(arm["seeds"]) for label, arm in arms.items() if label in ("prime", "rloo")]
+        figures.update(
+            {
+                f"final_acc_prime_{name}": _get(arms, "prime", "final_sampled_accuracy", "mean"),
+                f"final_acc_rloo_{name}": _get(arms, "rloo", "final_sampled_accuracy", "mean"),
+                f"seeds_{name}": min(seeds) if seeds else None,
+                f"steps_fraction_prime_to_rloo_final_{name}": report.get("steps_fraction_prime_to_rloo_final"),
+            }
+        )
+    return figures
+
+
+def section_regime(name: str, report: dict[str, Any]) -> list[str]:
+    """One regime of issue 16: arms table with s.e., PRIME vs RLOO verdict, PRM over training, curves."""
+    regime, evaluation = report.get("regime", name), report.get("evaluation", {})
+    comparison, start = report.get("comparison", {}), report.get("start", {})
+    lines = [f"### Regime: {regime}", "", f"Question: {report.get('question')}.", ""]
+    lines += _provenance(name, report)
+    lines += [
+        f"- task: {report.get('task')} `{json.dumps(report.get('task_config'))}`; warm start "
+        f"`{report.get('warm_start')}`: sampled {_pct(start.get('sampled_accuracy'))}, greedy "
+        f"{_pct(start.get('greedy_accuracy'))} on the evaluation prompts",
+        f"- {report.get('steps')} steps per run; held-out evaluation on the {evaluation.get('split')} split: "
+        f"{evaluation.get('prompts')} prompts x {evaluation.get('samples_per_prompt')} samples at T=1, every "
+        f"{evaluation.get('every_steps')} steps; settings for every arm `{json.dumps(report.get('base_settings'))}` "
+        "(the default task's validated PRIME settings, not re-tuned here) plus the arm's change",
+        "",
+        f"![regime {regime}](benchmarks/results/{name}.png)",
+        "",
+    ]
+    rows = []
+    for label, arm in report.get("arms", {}).items():
+        final = arm.get("final_sampled_accuracy")
+        prm, loc = arm.get("final_prm_accuracy"), arm.get("final_localisation")
+        chance = arm.get("final_localisation_chance")
+        steps_to = arm.get("steps_to_rloo_final")
+        rows.append(
+            [
+                label,
+                f"`{json.dumps(arm.get('overrides') or {})}`"
+                + (f" ({arm['phase']} runs)" if arm.get("phase", "regime") != "regime" else ""),
+                len(arm.get("seeds", [])),
+                f"{_pct_se(final)} [{_pct(final['min'])}, {_pct(final['max'])}]" if final else "-",
+                _pct(_get(arm, "final_greedy_accuracy", "mean")),
+                _pct(_get(arm, "final_sampled_all_steps_correct", "mean")),
+                "not reached" if steps_to is None else f"{steps_to:.0f}",
+                _pct_se(prm) if prm else "-",
+                f"{_pct(loc['mean'])} (chance {_pct(chance['mean'])})" if loc and chance else "-",
+            ]
+        )
+    lines += _table(
+        [
+            "arm",
+            "change",
+            "seeds",
+            "final sampled acc. (mean +- s.e. [min, max])",
+            "greedy",
+            "all steps right",
+            "steps to RLOO's final",
+            "final held-out PRM acc.",
+            "localisation",
+        ],
+        rows,
+    )
+    fraction = report.get("steps_fraction_prime_to_rloo_final")
+    lines += [
+        "",
+        f"**Verdict: {comparison.get('verdict')}**: PRIME - RLOO = {_pct(comparison.get('diff'))} +- "
+        f"{_pct(comparison.get('se'))} s.e. (RLOO's final {_pct(report.get('rloo_final_sampled_accuracy'))}; PRIME's "
+        f"steps to reach it / RLOO's: {_num(fraction)}).",
+    ]
+    prime_curves = _get(report, "arms", "prime", "curves") or {}
+    if "prm_accuracy" in prime_curves:
+        curve = prime_curves["prm_accuracy"]
+        points = ", ".join(f"{step}: {_pct(m)}" for step, m in zip(curve["steps"], curve["mean"]))
+        lines += ["", f"PRIME's held-out PRM pairwise accuracy over training (seed means; step: value): {points}."]
+    if REGIME_NOTES.get(regime):
+        lines += ["", REGIME_NOTES[regime].strip()]
+    return lines + [""]
+
+
 def section_other(name: str, report: dict[str, Any]) -> list[str]:
     return [f"### {name}", ""] + _provenance(name, report) + ["", "(no formatter for this result; see the file)", ""]
 
@@ -763,6 +907,8 @@ def _kind(name: str, report: dict[str, Any]) -> str:
         return "grading"
     if report.get("benchmark") == "smollm2_learning":
         return "real_model"
+    if report.get("benchmark") == "learning_regime":
+        return "regime"
     return "other"
 
 
@@ -772,6 +918,7 @@ SECTIONS: dict[str, Callable[[str, dict[str, Any]], list[str]]] = {
     "learning": section_learning,
     "grading": section_grading,
     "real_model": section_real_model_learning,
+    "regime": section_regime,
     "other": section_other,
 }
 
@@ -797,7 +944,7 @@ def markdown(results: dict[str, dict[str, Any]], figures: dict[str, float | None
         ],
     )
     lines += ["", NOTES.strip(), ""]
-    order = {"learning": 0, "real_model": 1, "overhead": 2, "prefix": 3, "grading": 4, "other": 5}
+    order = {"learning": 0, "regime": 1, "real_model": 2, "overhead": 3, "prefix": 4, "grading": 5, "other": 6}
     names = sorted(results, key=lambda n: (order[_kind(n, results[n])], n))
     lines += ["## Results", ""]
     lines += section_prefix_summary(results)

@@ -356,10 +356,21 @@ def test_demo_subcommand_calls_the_runner(monkeypatch):
     monkeypatch.setitem(sys.modules, "prime_trl.demo.run", module)
     assert main(["demo", "--steps", "7", "--seed", "2", "--output_dir", "d", "--quick"]) == 0
     assert main(["demo", "--hard"]) == 0  # unset options are left to the runner's defaults
+    assert main(["demo", "--task", "sparse"]) == 0
     assert calls == [
         {"steps": 7, "seed": 2, "output_dir": "d", "quick": True},
         {"seed": 0, "quick": False, "hard": True},
+        {"seed": 0, "quick": False, "task": "sparse"},
     ]
+
+
+def test_demo_task_choices_are_the_runners_tasks():
+    """The CLI lists the task names without importing the runner (torch, TRL); they must match DEMO_TASKS."""
+    from prime_trl.apps.cli import DemoArguments
+    from prime_trl.demo.run import DEMO_TASKS
+
+    choices = DemoArguments.__dataclass_fields__["task"].metadata["choices"]
+    assert choices == list(DEMO_TASKS)
 
 
 @pytest.mark.slow

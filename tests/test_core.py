@@ -279,3 +279,13 @@ def test_outcome_sits_on_the_last_policy_token_of_a_mask_with_tool_holes():
     # RLOO outcome returns: row 0 gets +1 on every policy token up to its last one (index 5), row 1 gets -1.
     assert advantages[0].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
     assert advantages[1].tolist() == [-1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_accuracy_gate_scales_from_chance_to_the_gate():
+    assert core.accuracy_gate(0.9, 0.7) == 1.0
+    assert core.accuracy_gate(0.7, 0.7) == 1.0
+    assert core.accuracy_gate(0.6, 0.7) == pytest.approx(0.5)
+    assert core.accuracy_gate(0.5, 0.7) == 0.0
+    assert core.accuracy_gate(0.3, 0.7) == 0.0  # below chance: no process reward at all
+    with pytest.raises(ValueError, match="gate"):
+        core.accuracy_gate(0.8, 0.5)

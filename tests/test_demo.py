@@ -296,3 +296,66 @@ def test_report_headline_and_goal_verdicts():
     assert verdict("Cost: step time PRIME / GRPO (large") == "not measured"
     assert verdict("Cost: peak memory PRIME / GRPO") == "**not met**"
     assert verdict("Cost: peak memory shared") == "**met**"
+
+
+# ---------------------------------------------------------------------------------------------- regimes (issue 16)
+
+
+def test_regime_verdict_needs_two_standard_errors():
+    assert learning.compare({"mean": 0.60, "se": 0.01}, {"mean": 0.55, "se": 0.01})["verdict"] == "PRIME beats RLOO"
+    assert learning.compare({"mean": 0.52, "se": 0.01}, {"mean": 0.55, "se": 0.01})["verdict"] == "PRIME loses to RLOO"
+    tie = learning.compare({"mean": 0.56, "se": 0.01}, {"mean": 0.55, "se": 0.01})
+    assert tie["verdict"] == "tie (within 2 s.e.)" and math.isclose(tie["se"], math.sqrt(2) * 0.01)
+
+
+def test_regime_arms_share_settings_and_reuse_the_default_tasks_runs():
+    specs = learning.regime_specs("sparse_lb0", [0, 1, 2])
+    prime, rloo = specs["prime"], specs["rloo"]
+    assert [s.seed for s in prime] == [0, 1, 2] and all(s.split == "test" and s.task == "sparse" for s in prime)
+    # the same policy learning rate and filter for both methods: they differ by the process reward only
+    assert prime[0].settings == {**rloo[0].settings, "prm_learning_rate": 3e-3}
+    assert rloo[0].settings["accuracy_lower_bound"] == 0.0
+    # the remedies' baselines are the default task's existing final (PRIME) and ablation (RLOO at PRIME's lr) runs
+    gate = learning.regime_specs("prm_gate", [0])
+    assert gate["prime_plain"][0] == learning.RunSpec(
+        "default", "final", "prime", 0, {"learning_rate": 3e-4, "prm_learning_rate": 3e-3}
+    )
+    assert gate["rloo"][0] == learning.RunSpec("default", "ablation", "rloo", 0, {"learning_rate": 3e-4})
+    assert gate["prime"][0].settings["process_reward_accuracy_gate"] == 0.7 and gate["prime"][0].phase == "regime"
+
+
+def test_report_regime_headline_keys():
+    import report
+
+    def arm(acc):
+        return {"seeds": [0, 1, 2], "final_sampled_accuracy": {"mean": acc, "se": 0.01, "min": acc, "max": acc}}
+
+    results = {
+        "regime_sparse": {
+            "benchmark": "learning_regime",
+            "regime": "sparse",
+            "date": "2026-12-01",
+            "arms": {"prime": arm(0.2), "rloo": arm(0.15)},
+            "comparison": learning.compare(arm(0.2)["final_sampled_accuracy"], arm(0.15)["final_sampled_accuracy"]),
+            "steps_fraction_prime_to_rloo_final": 0.5,
+        }
+    }
+    figures = report.headline(results)
+    assert figures["final_acc_prime_sparse"] == 0.2 and figures["final_acc_rloo_sparse"] == 0.15
+    assert figures["seeds_sparse"] == 3 and figures["steps_fraction_prime_to_rloo_final_sparse"] == 0.5
+    section = "\n".join(report.section_regime("regime_sparse", results["regime_sparse"]))
+    assert "**Verdict: PRIME beats RLOO**" in section and "regime_sparse.png" in section
+
+
+def test_demo_tasks_and_bad_task_name():
+    from prime_trl.demo.run import DEMO_TASKS, run_demo
+    from prime_trl.demo.warmstart import DEFAULT_SFT, HARD_SFT, default_sft_config
+
+    # default and hard keep their warm starts (same SFT configs, so the same cache keys as before)
+    assert DEMO_TASKS["default"].sft == DEFAULT_SFT and DEMO_TASKS["hard"].sft == HARD_SFT
+    assert default_sft_config(DEMO_TASKS["sparse"].task) == DEMO_TASKS["sparse"].sft
+    assert DEMO_TASKS["systematic"].sft.error_operators == "*"
+    with pytest.raises(ValueError, match="task='nope' is not a demo task; choose one of default, hard, sparse"):
+        run_demo(task="nope")
+    with pytest.raises(ValueError, match="contradict"):
+        run_demo(task="sparse", hard=True)

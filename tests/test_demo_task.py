@@ -203,6 +203,28 @@ def test_noisy_teacher_error_rate_and_consistency(prob):
     assert abs(rate - prob) < 0.03, rate  # ~7000 steps: the standard error is < 0.006
 
 
+def test_systematic_teacher_errs_only_on_its_operators():
+    """error_operators="*": every wrong step is a product, at the given rate among products; others are right."""
+    rng = random.Random(2)
+    wrong_by_op = {"+": 0, "-": 0, "*": 0}
+    total_by_op = {"+": 0, "-": 0, "*": 0}
+    for _ in range(1500):
+        p = sample_problem(rng, TaskConfig.hard())
+        text = noisy_completion(p, rng, 0.5, error_operators="*")
+        for step, right in zip(parse_steps(text), check_steps(p, text, mode="local")):
+            total_by_op[step.op] += 1
+            wrong_by_op[step.op] += not right
+    assert wrong_by_op["+"] == wrong_by_op["-"] == 0 and total_by_op["+"] > 500 and total_by_op["-"] > 500
+    assert abs(wrong_by_op["*"] / total_by_op["*"] - 0.5) < 0.05, wrong_by_op
+    with pytest.raises(ValueError, match="error_operators"):
+        SFTConfig(error_operators="/")
+
+
+def test_sparse_task_has_eight_step_chains():
+    rng = random.Random(0)
+    assert {len(sample_problem(rng, TaskConfig.sparse()).steps) for _ in range(50)} == {8}
+
+
 # ---------------------------------------------------------------------------------------------- data sets
 
 
@@ -271,8 +293,13 @@ def test_warm_start_key_changes_with_every_config():
             TaskConfig(), TINY_MODEL, SFTConfig(num_steps=3, batch_size=4, warmup_steps=1, step_error_prob=0.1), seed=0
         ),
         warm_start_key(TaskConfig(), TINY_MODEL, TINY_SFT, seed=1),
+        warm_start_key(
+            TaskConfig(), TINY_MODEL, SFTConfig(num_steps=3, batch_size=4, warmup_steps=1, error_operators="*"), seed=0
+        ),
     ]
     assert len({base, *others}) == 1 + len(others)
+    # error_operators at its default is left out of the key, so warm starts cached before the field existed stay valid
+    assert "error_operators" not in TINY_SFT.to_dict()
 
 
 def test_warm_start_cache_reuse_and_rebuild(tmp_path, monkeypatch):

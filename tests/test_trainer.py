@@ -116,6 +116,55 @@ def test_frozen_zero_prm_gives_exactly_outcome_rloo(tiny_model_dir, tmp_path):
     assert torch.equal(adv_prime, adv_rloo)
 
 
+def _random_batch(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return CompletionBatch(
+        prompt_ids=torch.randint(3, 200, (8, 5), generator=gen),
+        prompt_mask=torch.ones(8, 5, dtype=torch.long),
+        completion_ids=torch.randint(3, 200, (8, 7), generator=gen),
+        completion_mask=(torch.arange(7) < torch.randint(1, 8, (8, 1), generator=gen)).long(),
+    )
+
+
+def test_accuracy_gate_silences_a_prm_below_chance_and_keeps_a_good_one(tiny_model_dir, tmp_path):
+    """process_reward_accuracy_gate: with the running PRM accuracy at chance or below, PRIME's advantages are
+    outcome-only RLOO's; well above the gate they are ungated PRIME's. 'double' makes the PRM's rewards non-zero."""
+    batch, rewards = _random_batch(), torch.tensor([[1.0], [0], [0], [1], [1], [1], [0], [1]])
+
+    def advantages(ema=None, **overrides):
+        trainer = make_trainer(tiny_model_dir, tmp_path, prm_update="double", accuracy_filter=False, **overrides)
+        trainer.prime_state.prm_accuracy_ema = ema
+        trainer.create_optimizer_and_scheduler(num_training_steps=1)  # the PRM's optimizer comes with the policy's
+        trainer.model.train()
+        return trainer._prime_step(batch, rewards, "train"), trainer
+
+    ungated, _ = advantages()
+    outcome_only, _ = advantages(process_reward_coef=0.0)
+    assert not torch.allclose(ungated, outcome_only)  # the PRM's rewards do move the advantages
+    silenced, trainer = advantages(ema=0.0, process_reward_accuracy_gate=0.7)
+    torch.testing.assert_close(silenced, outcome_only, rtol=0, atol=1e-6)
+    assert trainer._metrics["train"]["process_reward/coef"] == [0.0]
+    assert 0.0 < trainer.prime_state.prm_accuracy_ema <= 0.1  # one batch moved the running mean by 10%
+    trusted, _ = advantages(ema=1.0, process_reward_accuracy_gate=0.7)
+    torch.testing.assert_close(trusted, ungated, rtol=0, atol=1e-6)
+
+
+def test_prm_pretrain_batches_update_the_prm_before_the_policy(tiny_model_dir, tmp_path):
+    """prm_pretrain_batches=2: the PRM takes 2 extra updates at the first step; the policy and TRL's logs see one
+    batch per step as without the warm-up."""
+    trainer = make_trainer(tiny_model_dir, tmp_path, accuracy_filter=False, max_steps=2, prm_pretrain_batches=2)
+    trainer.train()
+    assert {int(state["step"]) for state in trainer.prm.optimizer.state.values()} == {2 + 2}
+    assert {int(state["step"]) for state in trainer.optimizer.state.values()} == {2}
+    plain = make_trainer(tiny_model_dir, tmp_path, accuracy_filter=False, max_steps=2)
+    plain.train()
+    tokens = [e["num_tokens"] for e in trainer.state.log_history if "num_tokens" in e]
+    plain_tokens = [e["num_tokens"] for e in plain.state.log_history if "num_tokens" in e]
+    assert len(tokens) == len(plain_tokens) == 2
+    longest_prompt = max(len(trainer.processing_class(row["prompt"])["input_ids"]) for row in make_dataset())
+    assert tokens[0] <= 8 * (longest_prompt + 12)  # at most one batch's prompt + completion tokens, not three
+
+
 def test_full_finetune_policy_puts_prm_on_one_frozen_copy(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, peft=False, accuracy_filter=False, max_steps=2)
     host = trainer.prm.model
@@ -276,6 +325,8 @@ def test_reward_function_raising_names_itself_and_rescue_checkpoint(tiny_model_d
         (dict(prm_update="sometimes"), "prm_update='sometimes' is not supported"),
         (dict(accuracy_lower_bound=0.9, accuracy_upper_bound=0.1), "accuracy_lower_bound"),
         (dict(prime_beta=0.0), "prime_beta"),
+        (dict(process_reward_accuracy_gate=0.5), "process_reward_accuracy_gate=0.5 must lie in"),
+        (dict(prm_pretrain_batches=-1), "prm_pretrain_batches=-1 must be >= 0"),
     ],
 )
 def test_config_rejects_bad_combinations(tmp_path, overrides, message):

@@ -37,6 +37,7 @@ __all__ = [
     "accuracy_filter",
     "outcome_labels",
     "prm_pairwise_accuracy",
+    "accuracy_gate",
 ]
 
 _EPS_NORM = 1e-6
@@ -434,3 +435,15 @@ def prm_pairwise_accuracy(seq_rewards: torch.Tensor, scores: torch.Tensor, group
     total = weight.sum(dim=(-1, -2))
     per_group = torch.where(total > 0, (weight * agrees).sum(dim=(-1, -2)) / total.clamp(min=1e-12), 0.5)
     return float(per_group.mean()) if per_group.numel() else 0.5
+
+
+def accuracy_gate(prm_accuracy: float, gate: float) -> float:
+    """Scale of the process-reward coefficient for a PRM of pairwise accuracy ``prm_accuracy`` (an extension, not
+    in the paper): ``clamp((prm_accuracy - 0.5) / (gate - 0.5), 0, 1)``.
+
+    Full weight while the PRM orders at least ``gate`` of the verifier's pairs right, falling linearly to 0 at
+    chance (0.5): a PRM at or below chance would push the policy towards its own blind spots, so it gets no say.
+    """
+    if not 0.5 < gate <= 1.0:
+        raise ValueError(f"gate={gate} must lie in (0.5, 1]")
+    return min(1.0, max(0.0, (prm_accuracy - 0.5) / (gate - 0.5)))

@@ -160,6 +160,15 @@ class PRIMESettings:
         default="batch",
         metadata={"help": "Process-reward normalisation: 'batch' (divide by the largest |return|, eq. 5) or 'none'."},
     )
+    process_reward_accuracy_gate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Scale process_reward_coef by clamp((a - 0.5) / (gate - 0.5), 0, 1), where a is a running mean "
+            "(~10 batches) of the PRM's pairwise accuracy on the kept training rows: full weight while the PRM ranks "
+            "at least this fraction of pairs right, none at chance or below (a PRM the policy has learned to exploit "
+            "stops steering it). A value in (0.5, 1], e.g. 0.7; None: off (the paper)."
+        },
+    )
     gamma: float = field(default=1.0, metadata={"help": "Discount of the returns over tokens."})
     whiten_advantages: bool = field(
         default=True,
@@ -253,6 +262,12 @@ def validate_prime_settings(settings: Any) -> None:
         raise ValueError(f"prm_num_mini_batches={settings.prm_num_mini_batches} must be >= 1.")
     if settings.prm_micro_batch_size is not None and settings.prm_micro_batch_size < 1:
         raise ValueError(f"prm_micro_batch_size={settings.prm_micro_batch_size} must be >= 1 (or None).")
+    gate = settings.process_reward_accuracy_gate
+    if gate is not None and not 0.5 < gate <= 1.0:
+        raise ValueError(
+            f"process_reward_accuracy_gate={gate} must lie in (0.5, 1] (full process reward at that PRM accuracy, "
+            "none at chance), e.g. 0.7; or None to turn the gate off."
+        )
     if not 0.0 < settings.gamma <= 1.0:
         raise ValueError(f"gamma={settings.gamma} must be in (0, 1].")
     if settings.process_reward_coef < 0 or settings.outcome_reward_coef < 0:

@@ -9,7 +9,7 @@ rewards, normalisation and per-token advantages. `PRIMETrainer` (TRL) and `PRIME
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,6 +17,28 @@ import prime_trl.algo.core as core
 import prime_trl.algo.distributed as distributed
 from prime_trl.algo.prm import CompletionBatch, ImplicitPRM, PRMOutput
 from prime_trl.algo.settings import PRIMESettings
+
+# Weight of the newest batch in the running PRM accuracy that gates the process reward (~10-batch memory).
+PRM_ACCURACY_EMA_WEIGHT = 0.1
+
+
+@dataclass
+class PRIMEState:
+    """What the PRIME step carries from one training batch to the next (one per trainer / module).
+
+    Attributes:
+        prm_accuracy_ema: running mean (exponential, weight ``PRM_ACCURACY_EMA_WEIGHT``) of the PRM's pairwise
+            accuracy on the kept training rows; ``None`` before the first batch with kept rows.
+    """
+
+    prm_accuracy_ema: float | None = None
+
+    def update_prm_accuracy(self, accuracy: float) -> float:
+        if self.prm_accuracy_ema is None:
+            self.prm_accuracy_ema = accuracy
+        else:
+            self.prm_accuracy_ema += PRM_ACCURACY_EMA_WEIGHT * (accuracy - self.prm_accuracy_ema)
+        return self.prm_accuracy_ema
 
 
 @dataclass
@@ -66,6 +88,7 @@ def prime_step(
     settings: PRIMESettings,
     group_size: int,
     train: bool = True,
+    state: PRIMEState | None = None,
 ) -> PRIMEStep:
     """One PRIME step for this process's rows: the accuracy filter, the online PRM update (an optimizer step of the
     PRM when ``train``) and PRIME's per-token advantages.
@@ -80,6 +103,8 @@ def prime_step(
         settings: the algorithm's knobs.
         group_size: ``K``; rows of a group are contiguous in the global order.
         train: update the PRM and apply the accuracy filter (evaluation does neither).
+        state: carried between training batches; needed by ``settings.process_reward_accuracy_gate`` (without
+            it the gate sees only the current batch's PRM accuracy).
 
     A row is a member of its group when a verifier scored it and its completion mask is not empty (TRL empties it
     for truncated rows with ``mask_truncated_completions=True``). Non-members are left out of the PRM loss, of the
@@ -141,6 +166,8 @@ def prime_step(
         # Only evaluation can get here (num_generations_eval=1): no baseline exists, and the eval loss is a
         # by-product anyway; the PRM metrics above are what evaluation is for.
         return PRIMEStep(torch.zeros_like(token_rewards), metrics, token_rewards, kept_here)
+    if settings.process_reward_accuracy_gate is not None and "prm/accuracy" in metrics:
+        settings = _gate_process_reward(settings, metrics, state if train else None)
     if settings.process_reward_norm == "batch":
         process_rewards = core.normalize_process_rewards(all_rewards, mask)
     else:
@@ -151,6 +178,17 @@ def prime_step(
 
 # Former name (deprecated): the step also updates the PRM, which the name hid.
 prime_advantages = prime_step
+
+
+def _gate_process_reward(settings: PRIMESettings, metrics: dict[str, float], state: PRIMEState | None) -> PRIMESettings:
+    """``settings`` with the process-reward coefficient scaled by ``core.accuracy_gate`` of the running training-batch
+    PRM accuracy (this batch's included: its labels are known before the policy moves)."""
+    accuracy = metrics["prm/accuracy"]
+    if state is not None:
+        accuracy = state.update_prm_accuracy(accuracy)
+    scale = core.accuracy_gate(accuracy, settings.process_reward_accuracy_gate)
+    metrics["process_reward/coef"] = settings.process_reward_coef * scale
+    return replace(settings, process_reward_coef=settings.process_reward_coef * scale)
 
 
 def estimate_advantages(

@@ -99,6 +99,14 @@ class DemoArguments:
     )
     quick: bool = field(default=False, metadata={"help": "A tiny smoke run (a few steps, small evaluation)."})
     hard: bool = field(default=False, metadata={"help": "The harder task variant (5-6 operands, longer chains)."})
+    task: str = field(
+        default="default",
+        metadata={
+            "help": "Demo task variant: default (3-4 operands), hard (5-6 operands), sparse (8-step chains, warm "
+            "start right on ~2 in 100 samples) or systematic (a warm start that errs on '*' steps only).",
+            "choices": ["default", "hard", "sparse", "systematic"],
+        },
+    )
 
 
 def _train_dataclasses() -> tuple[type, ...]:
@@ -630,6 +638,8 @@ def run_demo(argv: list[str]) -> int:
     kwargs.update({name: getattr(args, name) for name in ("steps", "output_dir") if getattr(args, name) is not None})
     if args.hard:
         kwargs["hard"] = True
+    if args.task != "default":
+        kwargs["task"] = args.task
     demo(**kwargs)
     return 0
 

@@ -37,7 +37,15 @@ from prime_trl.algo.settings import prime_field
 from prime_trl.demo.metrics import process_metrics
 from prime_trl.demo.model import DemoModelConfig
 from prime_trl.demo.task import TaskConfig, answer_reward, make_splits, problem_from_prompt
-from prime_trl.demo.warmstart import SFTConfig, evaluate_accuracy, get_warm_start
+from prime_trl.demo.warmstart import (
+    DEFAULT_SFT,
+    HARD_SFT,
+    SPARSE_SFT,
+    SYSTEMATIC_SFT,
+    SFTConfig,
+    evaluate_accuracy,
+    get_warm_start,
+)
 from prime_trl.trainer.prime_config import PRIMEConfig
 from prime_trl.trainer.prime_trainer import PRIMETrainer
 
@@ -46,6 +54,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_STEPS",
     "DEMO_SETTINGS",
+    "DEMO_TASKS",
+    "DemoTask",
     "METHODS",
     "HeldOutEvaluator",
     "RLSettings",
@@ -90,7 +100,8 @@ class RLSettings:
         temperature: sampling temperature of training (and of the sampled held-out accuracy).
 
     The policy learning rate uses a constant schedule (so the early part of a curve does not depend on how long the
-    run is); the PRM knobs are ignored by rloo / grpo.
+    run is); the PRM knobs are ignored by rloo / grpo. ``accuracy_lower_bound`` applies to
+    prime and rloo (the accuracy filter is shared); at 0 all-wrong groups are kept.
     """
 
     method: str = "prime"
@@ -105,6 +116,10 @@ class RLSettings:
     prm_update: str = prime_field("prm_update")
     prm_loss_type: str = prime_field("prm_loss_type")
     process_reward_norm: str = prime_field("process_reward_norm")
+    process_reward_coef: float = prime_field("process_reward_coef")
+    process_reward_accuracy_gate: float | None = prime_field("process_reward_accuracy_gate")
+    accuracy_lower_bound: float = prime_field("accuracy_lower_bound")
+    prm_pretrain_batches: int = 0  # PRIMEConfig.prm_pretrain_batches (a TRL-trainer field, not in PRIMESettings)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -118,6 +133,36 @@ class RLSettings:
 DEMO_SETTINGS = {
     "default": RLSettings(learning_rate=3e-4, prm_learning_rate=3e-3, prime_beta=0.05),
     "hard": RLSettings(learning_rate=3e-4, prm_learning_rate=3e-3, prime_beta=0.2),
+}
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """A named variant of the demo task (``prime-trl demo --task <name>``): the problems, the warm start that
+    starts RL on them, and PRIME's settings for it.
+
+    Attributes:
+        task: what problems look like. sft: the noisy-teacher warm start. settings: PRIME's RL settings.
+        description: one line for ``--help`` and the logs.
+    """
+
+    task: TaskConfig
+    sft: SFTConfig
+    settings: RLSettings
+    description: str
+
+
+# The regimes of the learning benchmark (BENCHMARKS.md, one section each). "sparse" and "systematic" reuse the
+# default task's validated RL settings (they were not re-tuned on their own validation split).
+DEMO_TASKS: dict[str, DemoTask] = {
+    "default": DemoTask(TaskConfig(), DEFAULT_SFT, DEMO_SETTINGS["default"], "3-4 operands, random teacher noise"),
+    "hard": DemoTask(TaskConfig.hard(), HARD_SFT, DEMO_SETTINGS["hard"], "5-6 operands, random teacher noise"),
+    "sparse": DemoTask(
+        TaskConfig.sparse(), SPARSE_SFT, DEMO_SETTINGS["default"], "8-step chains, warm start right on ~2% of samples"
+    ),
+    "systematic": DemoTask(
+        TaskConfig(), SYSTEMATIC_SFT, DEMO_SETTINGS["default"], "3-4 operands, teacher errs on '*' steps only"
+    ),
 }
 
 
@@ -176,9 +221,15 @@ def make_trainer(
             prm_update=settings.prm_update,
             prm_loss_type=settings.prm_loss_type,
             process_reward_norm=settings.process_reward_norm,
+            process_reward_coef=settings.process_reward_coef,
+            process_reward_accuracy_gate=settings.process_reward_accuracy_gate,
+            prm_pretrain_batches=settings.prm_pretrain_batches,
+            accuracy_lower_bound=settings.accuracy_lower_bound,
         )
-        if settings.method == "rloo":
-            prime.update(process_reward_coef=0.0, prm_update="none")
+        if settings.method == "rloo":  # no PRM at all; the accuracy filter is shared
+            prime.update(
+                process_reward_coef=0.0, prm_update="none", process_reward_accuracy_gate=None, prm_pretrain_batches=0
+            )
         trainer = PRIMETrainer(str(model_path), args=PRIMEConfig(**common, **prime), **kwargs)
     # disable_tqdm=True makes Trainer print every log dict; the progress bar callback replaces both.
     trainer.remove_callback(PrinterCallback)
@@ -557,6 +608,7 @@ def run_demo(
     output_dir: str = "prime-demo",
     quick: bool = False,
     hard: bool = False,
+    task: str = "default",
     settings: RLSettings | None = None,
     eval_every: int | None = None,
     eval_prompts: int | None = None,
@@ -574,9 +626,10 @@ def run_demo(
             ``demo.png`` and ``results.json`` go.
         quick: a smoke run (seconds): an easy task (2-3 operand additions) with a tiny warm start built in a
             temporary cache, a few steps, a small evaluation. Ignores ``hard``.
-        hard: the hard task variant (5-6 operands) and its warm start.
-        settings: RL hyper-parameters (default ``DEMO_SETTINGS[task]``: PRIME as tuned on the validation split by
-            ``benchmarks/learning.py``).
+        hard: the hard task variant (5-6 operands) and its warm start; the same as ``task="hard"``.
+        task: a name in ``DEMO_TASKS`` (default, hard, sparse, systematic): the problems and their warm start.
+        settings: RL hyper-parameters (default ``DEMO_TASKS[task].settings``: PRIME as tuned on the validation split
+            by ``benchmarks/learning.py``).
         eval_every, eval_prompts, eval_samples: held-out evaluation every N steps on the first ``eval_prompts``
             test prompts with ``eval_samples`` samples each (defaults: steps/8, all 500, 4).
         cache_dir: warm-start cache root (default ``$PRIME_TRL_CACHE`` or ``~/.cache/prime_trl``).
@@ -590,29 +643,40 @@ def run_demo(
     steps = steps if steps is not None else (4 if quick else DEFAULT_STEPS)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if task not in DEMO_TASKS:
+        raise ValueError(f"task={task!r} is not a demo task; choose one of {', '.join(DEMO_TASKS)}")
+    if hard and task not in ("default", "hard"):
+        raise ValueError(f"hard=True and task={task!r} contradict each other; pass only task")
+    task_name = "quick" if quick else "hard" if hard else task
     plan = _plan(steps, quick, eval_every, eval_prompts, eval_samples)
-    settings = settings or DEMO_SETTINGS["hard" if hard and not quick else "default"]
+    if not quick:
+        plan.sft_config = DEMO_TASKS[task_name].sft
+    settings = settings or DEMO_TASKS["default" if quick else task_name].settings
     if settings.method != "prime":
         raise ValueError("the demo runs PRIME; benchmarks/learning.py compares it with rloo and grpo")
-    task = _QUICK_TASK if quick else TaskConfig.hard() if hard else TaskConfig()
-    task_name = "quick" if quick else "hard" if hard else "default"
+    task_config = _QUICK_TASK if quick else DEMO_TASKS[task_name].task
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     temp_cache = tempfile.mkdtemp(prefix="prime-demo-cache-") if quick and cache_dir is None else None
     try:
         model_path = get_warm_start(
-            task, plan.model_config, plan.sft_config, seed=seed, cache_dir=temp_cache or cache_dir, progress=progress
+            task_config,
+            plan.model_config,
+            plan.sft_config,
+            seed=seed,
+            cache_dir=temp_cache or cache_dir,
+            progress=progress,
         )
         sizes = dict(n_train=300, n_validation=16, n_test=32) if quick else {}  # the quick task has ~800 problems
-        splits = make_splits(0, task, **sizes)
+        splits = make_splits(0, task_config, **sizes)
         prompts = list(splits["test"]["prompt"][: plan.eval_prompts])
         logger.info("demo: %s task, %d steps, warm start %s", task_name, steps, model_path)
         with tempfile.TemporaryDirectory(prefix="prime-demo-run-") as run_dir:
             trainer, record = train_and_evaluate(
                 settings,
                 model_path,
-                task,
+                task_config,
                 splits["train"],
                 prompts,
                 steps,
@@ -635,7 +699,7 @@ def run_demo(
     plot_path = plot_run(record, out / "demo.png", f"PRIME on the demo task ({task_name})")
     results: dict[str, Any] = {
         "task": task_name,
-        "task_config": task.to_dict(),
+        "task_config": task_config.to_dict(),
         "quick": quick,
         "seed": seed,
         "steps": steps,

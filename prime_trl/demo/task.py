@@ -126,6 +126,12 @@ class TaskConfig:
         """The harder variant: longer chains (5-6 operands, 4-5 steps), otherwise the same."""
         return cls(num_operands=(5, 6))
 
+    @classmethod
+    def sparse(cls) -> TaskConfig:
+        """The sparse-success variant: 9 operands (8-step chains), otherwise the same. With its warm start
+        (``warmstart.SPARSE_SFT``) most sampled groups are all wrong."""
+        return cls(num_operands=(9, 9))
+
     @property
     def max_completion_tokens(self) -> int:
         """A safe ``max_new_tokens`` for this task (character-level tokens, EOS included).
@@ -286,8 +292,17 @@ def _run_chain(values: list[int], ops: list[str]) -> list[int]:
     return [calc.result for calc in solve(values, ops)]
 
 
-def noisy_completion(problem: ArithmeticProblem, rng: random.Random, step_error_prob: float, max_error: int = 3) -> str:
-    """A noisy-teacher completion: each step's result is wrong with probability ``step_error_prob``.
+def noisy_completion(
+    problem: ArithmeticProblem,
+    rng: random.Random,
+    step_error_prob: float,
+    max_error: int = 3,
+    error_operators: str = "+-*",
+) -> str:
+    """A noisy-teacher completion: each step whose operator is in ``error_operators`` (default: every step) has a
+    wrong result with probability ``step_error_prob``; the other steps are always right. A teacher that errs on
+    one operator only (``error_operators="*"``) makes *systematic* errors: the same kind of step is wrong across
+    problems.
 
     A wrong result is the true result (given the values written so far) plus a non-zero offset in
     ``[-max_error, max_error]``. The wrong value is carried consistently: later steps use it as an operand and
@@ -295,7 +310,8 @@ def noisy_completion(problem: ArithmeticProblem, rng: random.Random, step_error_
     Offsets that would make this or any later value negative are skipped; if none fits (rare), the step is
     written correctly, so the realised error rate is a hair below ``step_error_prob``.
 
-    Under ``check_steps(..., mode="local")`` the errors are independent per step with that probability.
+    Under ``check_steps(..., mode="local")`` the errors are independent per step with that probability (per step of
+    an operator in ``error_operators``).
     """
     values, ops = list(problem.operands), list(problem.operators)
     calcs: list[Calc] = []
@@ -303,7 +319,7 @@ def noisy_completion(problem: ArithmeticProblem, rng: random.Random, step_error_
         i = reduction_index(ops)
         a, op, b = values[i], ops[i], values[i + 1]
         result = apply_op(a, op, b)
-        if rng.random() < step_error_prob:
+        if op in error_operators and rng.random() < step_error_prob:
             offsets = [d for d in range(-max_error, max_error + 1) if d != 0]
             rng.shuffle(offsets)
             for d in offsets:

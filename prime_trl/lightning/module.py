@@ -73,7 +73,7 @@ from prime_trl.algo.prm import (
 )
 from prime_trl.algo.rollout import cut_at_first_eos, left_padded_prompts, pad_and_eos_token_ids, prompt_token_ids
 from prime_trl.algo.settings import PRIMESettings
-from prime_trl.algo.step import PRIMEStep, verifier_scores_and_outcome
+from prime_trl.algo.step import PRIMEState, PRIMEStep, verifier_scores_and_outcome
 from prime_trl.models import drop_gguf_marker, resolve_model
 
 # The reward-function guard and the dataset check are PRIMETrainer's, shared rather than copied.
@@ -233,6 +233,7 @@ class PRIMEModule(pl.LightningModule):
         self.tokenizer = self._build_tokenizer(tokenizer)
         self.prm = self._build_prm(prm if prm is not None else config.prm_name_or_path)
         self.settings = config  # a PRIMEModuleConfig is a PRIMESettings
+        self.prime_state = PRIMEState()  # carried between batches (process_reward_accuracy_gate)
         self.generation_config = GenerationConfig(
             max_new_tokens=config.max_completion_length,
             do_sample=True,
@@ -460,7 +461,7 @@ class PRIMEModule(pl.LightningModule):
         """
         scores, outcome = verifier_scores_and_outcome(rewards_per_func, self.verifier_indices, self.reward_weights)
         return algo_step.prime_step(
-            self.prm, batch, scores, outcome, self.settings, self.config.num_generations, train=train
+            self.prm, batch, scores, outcome, self.settings, self.config.num_generations, train, self.prime_state
         )
 
     compute_advantages = prime_step  # deprecated: the step also updates the PRM, which the name hid

@@ -43,6 +43,15 @@ class PRIMEConfig(PRIMESettings, GRPOConfig):
     )
 
     # ----- TRL-only PRIME fields --------------------------------------------------------------------------------
+    prm_pretrain_batches: int = field(
+        default=0,
+        metadata={
+            "help": "PRM warm-up before the policy moves: at the first training step, sample this many extra "
+            "generation batches of that step's prompts from the initial policy and train the PRM on them (the policy "
+            "never trains on these samples), so the first process rewards come from a PRM that has seen data. "
+            "0: off (the paper)."
+        },
+    )
     vllm_sync_mode: str = field(
         default="auto",
         metadata={
@@ -80,6 +89,10 @@ class PRIMEConfig(PRIMESettings, GRPOConfig):
             raise ValueError(
                 "fp16=True is not supported: the PRM adapter is updated by its own optimizer, outside the Trainer's "
                 "fp16 loss scaling, so its float16 gradients would underflow. Use bf16=True, or float32 (both off)."
+            )
+        if self.prm_pretrain_batches < 0:
+            raise ValueError(
+                f"prm_pretrain_batches={self.prm_pretrain_batches} must be >= 0 (0 turns the warm-up off)."
             )
         super().__post_init__()  # PRIMESettings: validate_prime_settings, then GRPOConfig's own checks
         if self.process_reward_coef == 0 and self.prm_update != "none":

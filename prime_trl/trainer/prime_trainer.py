@@ -49,7 +49,7 @@ from prime_trl.algo.prm import (
     make_implicit_prm,
     save_adapter,
 )
-from prime_trl.algo.step import PRIMESettings, PRIMEStep, prime_step, verifier_scores_and_outcome
+from prime_trl.algo.step import PRIMESettings, PRIMEState, PRIMEStep, prime_step, verifier_scores_and_outcome
 from prime_trl.apps.scoring import ScoredResponse, html_page
 from prime_trl.models import SPECIAL_MODELS, drop_gguf_marker, is_gguf_path, resolve_model
 from prime_trl.rewards.reward_funcs import (
@@ -230,6 +230,8 @@ class PRIMETrainer(GRPOTrainer):
         protect_4bit_base(self.model)  # QLoRA on CPU: eval-mode forwards must not repack the base (see module)
         self.verifier_indices = resolve_verifiers(self.reward_func_names, args.verifier)
         self.prime_settings = PRIMESettings.from_config(args)
+        self.prime_state = PRIMEState()
+        self._prm_pretrain_pending = args.prm_pretrain_batches > 0
         self.prm = self._build_prm(prm if prm is not None else args.prm_name_or_path)
         self._rewards_per_func: torch.Tensor | None = None
         self._warned: set[str] = set()  # one-time warnings already given
@@ -323,8 +325,10 @@ class PRIMETrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
-        output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
+        if mode == "train" and self._prm_pretrain_pending:
+            self._pretrain_prm(inputs)
+        output = super()._generate_and_score_completions(inputs)
         batch = CompletionBatch(
             output["prompt_ids"],
             output["prompt_mask"],
@@ -344,6 +348,30 @@ class PRIMETrainer(GRPOTrainer):
         self._metrics[mode]["prime/scoring_time"].append(time.perf_counter() - start_time)
         return output
 
+    def _pretrain_prm(self, inputs: list[dict[str, Any]]) -> None:
+        """``args.prm_pretrain_batches`` PRM updates before the policy's first one, each on fresh samples of the first
+        step's prompts from the initial policy (accuracy filter as in training); the advantages are discarded and
+        TRL's logs and metrics of these extra generations are put back as they were."""
+        self._prm_pretrain_pending = False
+        saved = copy.deepcopy(self._metrics), copy.deepcopy(self._logs), self.state.num_input_tokens_seen
+        accuracies = []
+        for _ in range(self.args.prm_pretrain_batches):
+            output = super()._generate_and_score_completions(inputs)
+            batch = CompletionBatch(
+                output["prompt_ids"],
+                output["prompt_mask"],
+                output["completion_ids"],
+                output["completion_mask"],
+                tool_mask=output.get("tool_mask"),
+            )
+            scores, outcome = verifier_scores_and_outcome(
+                self._rewards_per_func, self.verifier_indices, self.reward_weights
+            )
+            step = prime_step(self.prm, batch, scores, outcome, self.prime_settings, self.num_generations)
+            accuracies.append(step.metrics.get("prm/accuracy"))
+        self._metrics, self._logs, self.state.num_input_tokens_seen = saved
+        logger.info("PRIME: PRM warm-up on %d batches (training-batch PRM accuracy %s).", len(accuracies), accuracies)
+
     def _prime_step(self, batch: CompletionBatch, rewards_per_func: torch.Tensor, mode: str) -> torch.Tensor:
         """The PRIME step (PRM update in training mode); returns the per-token advantages ``[B_local, T_local]`` for
         this process's rows (docs/algorithm.md section 2, steps 3-6)."""
@@ -357,7 +385,9 @@ class PRIMETrainer(GRPOTrainer):
             if self.args.save_checkpoint_on_error and self.prime_settings.prm_update != "none":
                 self._remember_prm_state()
         scores, outcome = verifier_scores_and_outcome(rewards_per_func, self.verifier_indices, self.reward_weights)
-        step = prime_step(self.prm, batch, scores, outcome, self.prime_settings, group_size, mode == "train")
+        step = prime_step(
+            self.prm, batch, scores, outcome, self.prime_settings, group_size, mode == "train", self.prime_state
+        )
         for name, value in step.metrics.items():
             self._metrics[mode][name].append(value)
         if mode == "train":
