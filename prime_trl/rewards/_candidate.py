@@ -27,7 +27,6 @@ import sys
 
 def _serve():
     import builtins
-    import resource
 
     request_fd, reply_fd = int(sys.argv[1]), int(sys.argv[2])
     c_dumps, c_loads = c_codec()
@@ -44,20 +43,8 @@ def _serve():
         while data:
             data = data[write(reply_fd, data) :]
 
-    if job.get("uid") is not None:  # bwrap ran as root: become a throw-away uid so RLIMIT_NPROC binds
-        os.setgroups([])
-        os.setgid(job["gid"])
-        os.setuid(job["uid"])
-    limits = job["limits"]
-    for name, value in (
-        ("RLIMIT_AS", limits["memory_bytes"]),
-        ("RLIMIT_NPROC", limits["max_processes"]),
-        ("RLIMIT_FSIZE", limits["max_file_bytes"]),
-        ("RLIMIT_NOFILE", limits["max_open_files"]),
-        ("RLIMIT_CORE", 0),
-    ):
-        resource.setrlimit(getattr(resource, name), (value, value))
-    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_seconds"], limits["cpu_seconds"] + 1))
+    apply_job_limits(job)  # _limits.py: throw-away uid, rlimits with soft = hard
+    max_message_bytes = job["limits"]["max_message_bytes"]
 
     try:
         # optimize=0 keeps `assert` statements whatever flags the interpreter got
@@ -96,7 +83,7 @@ def _serve():
     def make_module(name):
         raise WireError("modules cannot be arguments")
 
-    reader = LineReader(request_fd, limits["max_message_bytes"])
+    reader = LineReader(request_fd, max_message_bytes)
     while True:
         try:
             request = c_loads(reader.read_line())

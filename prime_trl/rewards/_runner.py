@@ -14,13 +14,14 @@ program starts, and this process is non-dumpable, so the child cannot write the 
 memory. The host compares the output with the expected one, so expected outputs never enter the sandbox.
 """
 
+# ruff: noqa: F821 - apply_job_limits comes from _limits.py, whose text sandbox.py prepends to this file
+
 import os
 import sys
 
 
 def _run() -> None:
     import json
-    import resource
 
     write, exit_now = os.write, os._exit  # captured before any untrusted code exists
     result_fd = int(sys.argv[1])
@@ -42,21 +43,7 @@ def _run() -> None:
         while data:
             data = data[write(result_fd, data) :]
 
-    # --- privileges and limits (soft = hard: the program cannot raise them again) ---
-    if job.get("uid") is not None:  # bwrap ran as root: become a throw-away uid so RLIMIT_NPROC binds
-        os.setgroups([])
-        os.setgid(job["gid"])
-        os.setuid(job["uid"])
-    limits = job["limits"]
-    for name, value in (
-        ("RLIMIT_AS", limits["memory_bytes"]),
-        ("RLIMIT_NPROC", limits["max_processes"]),
-        ("RLIMIT_FSIZE", limits["max_file_bytes"]),
-        ("RLIMIT_NOFILE", limits["max_open_files"]),
-        ("RLIMIT_CORE", 0),
-    ):
-        resource.setrlimit(getattr(resource, name), (value, value))
-    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_seconds"], limits["cpu_seconds"] + 1))
+    apply_job_limits(job)  # _limits.py: throw-away uid, rlimits with soft = hard
     _set_not_dumpable()  # other processes of this uid cannot ptrace us or read our memory
 
     try:

@@ -71,12 +71,16 @@ __all__ = [
 UNSANDBOXED_ENV = "PRIME_TRL_ALLOW_UNSANDBOXED"
 _HERE = Path(__file__).parent
 _WIRE_SOURCE = (_HERE / "_wire.py").read_text()
-# The harnesses run as `python -c <text>` on the bare standard library: the wire format is prepended to them.
-_RUNNER_SOURCE = (_HERE / "_runner.py").read_text()
+_LIMITS_SOURCE = (_HERE / "_limits.py").read_text()
+# The harnesses run as `python -c <text>` on the bare standard library: the wire format and the in-sandbox limits
+# are prepended to them.
+_RUNNER_SOURCE = _LIMITS_SOURCE + "\n" + (_HERE / "_runner.py").read_text()
 # The candidate harness's functions look builtins up in a private copy, made before the program can patch them.
 _CANDIDATE_SOURCE = (
     "__builtins__ = dict(__import__('builtins').__dict__)\n"
     + _WIRE_SOURCE
+    + "\n"
+    + _LIMITS_SOURCE
     + "\n"
     + (_HERE / "_candidate.py").read_text()
 )
