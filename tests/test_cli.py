@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import require_bwrap
 
 from prime_trl.apps import cli
 from prime_trl.apps.cli import main, parse_train_args
@@ -300,10 +301,7 @@ def test_eval_end_to_end_on_benchmark_slices(
     data, expect_maj, tiny_model_dir, shared_data_dir, tmp_path, capsys, monkeypatch
 ):
     if data == "humaneval":
-        from prime_trl.rewards import bwrap_status
-
-        if not bwrap_status()[0]:
-            pytest.skip("bubblewrap sandbox unavailable for the code verifier")
+        require_bwrap()
     monkeypatch.setenv("PRIME_TRL_DATA_DIR", str(shared_data_dir))
     out = tmp_path / data
     code = main(

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from datasets import Dataset, concatenate_datasets
+from helpers import require_bwrap
 
 from prime_trl import data
 from prime_trl.data import (
@@ -246,10 +247,9 @@ def test_data_file_problems_name_the_file_row_and_fix(tmp_path, name, text, expe
 
 def test_mixed_dataset_end_to_end(shared_data_dir, tmp_path):
     """Math and code rows in one data set, scored by the combined verifier as the trainer would call it."""
-    from prime_trl.rewards import bwrap_status, task_reward
+    from prime_trl.rewards import task_reward
 
-    if not bwrap_status()[0]:
-        pytest.skip("bubblewrap sandbox not available")
+    require_bwrap()
     path = tmp_path / "eurus.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in EURUS_ROWS))
     mixed = concatenate_datasets(

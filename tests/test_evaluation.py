@@ -6,7 +6,7 @@ from math import comb
 
 import pytest
 import torch
-from helpers import bos_tokenizer, trl_prompt_ids
+from helpers import bos_tokenizer, require_bwrap, trl_prompt_ids
 
 from prime_trl.apps.evaluation import EvalArguments, Generation, evaluate, majority_vote, pass_at_k
 
@@ -126,10 +126,8 @@ def test_math500_gold_answers_grade_correct_and_sampled_metrics(shared_data_dir,
 def test_humaneval_canonical_solutions_pass_and_wrong_code_fails(shared_data_dir, tmp_path):
     """Code rows go through the sandboxed verifier: canonical solutions pass, a stub fails."""
     from prime_trl.data import load_humaneval
-    from prime_trl.rewards import bwrap_status
 
-    if not bwrap_status()[0]:
-        pytest.skip("bubblewrap sandbox unavailable")
+    require_bwrap()
     dataset = load_humaneval(shared_data_dir, system_prompt=False, limit=3)
     raw = {r["entry_point"]: r for r in load_rows(shared_data_dir / "humaneval.jsonl", 3)}
 

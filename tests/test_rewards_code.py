@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import require_bwrap
 
 from prime_trl.rewards import (
     Sandbox,
     SandboxLimits,
     SandboxUnavailableError,
     assemble_program,
-    bwrap_status,
     code_reward,
     extract_code,
     make_code_reward,
@@ -26,9 +26,7 @@ from prime_trl.rewards.code import IOTests
 
 @pytest.fixture(scope="module")
 def bwrap():
-    ok, reason = bwrap_status()
-    if not ok:
-        pytest.skip(f"bubblewrap sandbox not available here: {reason} (run `make sandbox` as root)")
+    require_bwrap()
 
 
 def fenced(code: str) -> str:

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import require_bwrap
 
-from prime_trl.rewards import Sandbox, SandboxLimits, bwrap_status, code_reward
+from prime_trl.rewards import Sandbox, SandboxLimits, code_reward
 
 # The interpreter flags of every harness (candidate, judge, case supervisor), in each such process's argv
 RUNNER_MARKER = b"\x00-I\x00-S\x00-B\x00-X\x00utf8\x00-c\x00"
@@ -25,9 +26,7 @@ RUNNER_MARKER = b"\x00-I\x00-S\x00-B\x00-X\x00utf8\x00-c\x00"
 
 @pytest.fixture(scope="module")
 def sandbox() -> Sandbox:
-    ok, reason = bwrap_status()
-    if not ok:
-        pytest.skip(f"bubblewrap sandbox not available here: {reason} (run `make sandbox` as root)")
+    require_bwrap()
     return Sandbox(SandboxLimits(timeout=3.0, max_total_seconds=15.0, max_processes=12), isolation="bwrap")
 
 

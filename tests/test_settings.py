@@ -16,7 +16,13 @@ lightning = pytest.importorskip("prime_trl.lightning.module")
 
 # PRIMEConfig fields that exist only on the TRL side (vLLM and the Trainer's rescue checkpoint).
 # prm_pretrain_batches: the warm-up re-runs TRL's generation (PRIMETrainer only; the Lightning module has no such hook yet).
-TRL_ONLY = {"loss_type", "vllm_sync_mode", "save_checkpoint_on_error", "log_token_rewards", "prm_pretrain_batches"}  # log_*: TRL tables
+TRL_ONLY = {
+    "loss_type",
+    "vllm_sync_mode",
+    "save_checkpoint_on_error",
+    "log_token_rewards",
+    "prm_pretrain_batches",
+}  # log_*: TRL tables
 # Lightning fields mirrored from GRPOConfig whose default is deliberately different (see PRIMEModuleConfig).
 LIGHTNING_DEFAULTS_DIFFER = {"gradient_checkpointing"}
 

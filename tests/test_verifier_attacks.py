@@ -13,9 +13,10 @@ import sys
 import time
 
 import pytest
+from helpers import require_bwrap
 
 from prime_trl.data import humaneval_tests
-from prime_trl.rewards import Sandbox, SandboxLimits, assemble_program, bwrap_status, make_code_reward
+from prime_trl.rewards import Sandbox, SandboxLimits, assemble_program, make_code_reward
 
 CORRECT = "def add(a, b):\n    return a + b\n"
 WRONG = "def add(a, b):\n    return a - b\n"
@@ -45,9 +46,7 @@ def forge():
 
 @pytest.fixture(scope="module")
 def reward():
-    ok, reason = bwrap_status()
-    if not ok:
-        pytest.skip(f"bubblewrap sandbox not available here: {reason} (run `make sandbox` as root)")
+    require_bwrap()
     return make_code_reward(limits=LIMITS, max_workers=2)
 
 
