@@ -13,7 +13,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from engines import adapters, make_trainer  # noqa: E402
+from engines import adapters, make_trainer, shutdown  # noqa: E402
 
 import prime_trl.algo.prefix as prefix  # noqa: E402
 
@@ -44,3 +44,4 @@ def main(model_dir: str, out_dir: str, loss_type: str, update: str, engine: str)
 
 if __name__ == "__main__":
     main(*sys.argv[1:6])
+    shutdown()

@@ -70,3 +70,12 @@ def adapters(trainer: PRIMETrainer) -> dict[str, torch.Tensor]:
     lora = {name: param for name, param in trainer.model.named_parameters() if "lora_" in name}
     with full_parameters(list(lora.values())):
         return {name: full_tensor(param).detach().clone() for name, param in lora.items()}
+
+
+def shutdown() -> None:
+    """End a torchrun script in step: every rank waits for the others, then the process group is torn down before
+    the interpreter exits, rather than leaving gloo's threads to the interpreter's shutdown (a rank once aborted
+    there with "terminate called without an active exception" after its work was done)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

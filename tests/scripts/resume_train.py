@@ -13,7 +13,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from engines import adapters, make_trainer  # noqa: E402
+from engines import adapters, make_trainer, shutdown  # noqa: E402
 
 
 def main(model_dir: str, out_dir: str, engine: str) -> None:
@@ -37,3 +37,4 @@ def main(model_dir: str, out_dir: str, engine: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    shutdown()
