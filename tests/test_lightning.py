@@ -13,6 +13,7 @@ import torch
 
 lightning = pytest.importorskip("lightning")
 
+from helpers import TINY_LORA, coin_reward, prime_config  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from peft import LoraConfig, PeftModel  # noqa: E402
@@ -22,13 +23,8 @@ from prime_trl import PRIMEConfig, PRIMETrainer  # noqa: E402
 from prime_trl.algo.prm import CompletionBatch  # noqa: E402
 from prime_trl.lightning import PRIMEDataModule, PRIMEModule, PRIMEModuleConfig  # noqa: E402
 
-LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
+LORA = TINY_LORA
 DDP_SCRIPT = Path(__file__).parent / "scripts" / "ddp_lightning.py"
-
-
-def coin_reward(completions, **kwargs):
-    """A deterministic pseudo-random 0/1 verdict per completion, so groups are mixed and advantages non-zero."""
-    return [float(zlib.crc32(c.encode()) % 2) for c in completions]
 
 
 def make_config(**overrides):
@@ -152,18 +148,14 @@ def trainer_and_module(model_dir, out_dir, **overrides):
     weights, ready for their PRIME steps on the same batches."""
     from datasets import Dataset
 
-    args = PRIMEConfig(
-        output_dir=str(out_dir),
+    args = prime_config(
+        out_dir,
         per_device_train_batch_size=12,
         num_generations=4,
         max_completion_length=7,
         prm_learning_rate=0.05,
         prm_micro_batch_size=4,
-        use_cpu=True,
-        bf16=False,
         gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
         **overrides,
     )
     rows = [{"prompt": f"Q{i}=", "answer": "1"} for i in range(12)]

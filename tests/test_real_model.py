@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset, concatenate_datasets
+from helpers import prime_trainer
 from peft import LoraConfig
 
 from prime_trl import PRIMEConfig, PRIMETrainer
@@ -65,7 +66,6 @@ def short_rows() -> Dataset:
 
 def make_trainer(model, out: Path, train_dataset: Dataset, **overrides) -> PRIMETrainer:
     settings = dict(
-        output_dir=str(out),
         per_device_train_batch_size=4,
         num_generations=2,
         max_completion_length=24,
@@ -73,22 +73,11 @@ def make_trainer(model, out: Path, train_dataset: Dataset, **overrides) -> PRIME
         learning_rate=1e-3,
         prm_learning_rate=1e-3,
         accuracy_filter=False,  # a 135M model gets most GSM8K rows wrong: keep every group so both adapters learn
-        use_cpu=True,
-        bf16=False,
         gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
         logging_steps=1,
         seed=7,
     )
-    settings.update(overrides)
-    return PRIMETrainer(
-        model,
-        args=PRIMEConfig(**settings),
-        reward_funcs=math_reward,
-        train_dataset=train_dataset,
-        peft_config=LoraConfig(**LORA),
-    )
+    return prime_trainer(model, out, train_dataset, math_reward, LORA, **{**settings, **overrides})
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -198,27 +187,11 @@ def test_qlora_4bit_on_the_real_model(smollm2_dir, shared_data_dir, tmp_path):
     from transformers import BitsAndBytesConfig
 
     pytest.importorskip("bitsandbytes")
-    trainer = PRIMETrainer(
+    trainer = make_trainer(
         smollm2_dir,
-        args=PRIMEConfig(
-            output_dir=str(tmp_path),
-            per_device_train_batch_size=4,
-            num_generations=2,
-            max_completion_length=16,
-            max_steps=2,
-            learning_rate=1e-3,
-            prm_learning_rate=1e-3,
-            accuracy_filter=False,
-            use_cpu=True,
-            bf16=False,
-            gradient_checkpointing=False,
-            report_to="none",
-            save_strategy="no",
-            seed=7,
-        ),
-        reward_funcs=math_reward,
-        train_dataset=gsm8k_rows(shared_data_dir, limit=1),
-        peft_config=LoraConfig(**LORA),
+        tmp_path,
+        gsm8k_rows(shared_data_dir, limit=1),
+        max_completion_length=16,
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
     )
     assert trainer.model.get_base_model().is_loaded_in_4bit

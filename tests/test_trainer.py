@@ -9,7 +9,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from prime_trl import PRIMEConfig, PRIMETrainer
+from prime_trl import PRIMETrainer
 from prime_trl.algo.prm import CompletionBatch
 from prime_trl.rewards.reward_funcs import RewardFunctionError
 
@@ -25,27 +25,21 @@ def make_dataset(n=16):
 
 def make_args(tmp_path, **overrides):
     settings = dict(
-        output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
         num_generations=4,
         max_completion_length=12,
         max_steps=3,
         learning_rate=0.05,
         prm_learning_rate=0.05,
-        use_cpu=True,
-        bf16=False,
         gradient_checkpointing=False,
-        report_to="none",
         logging_steps=1,
-        save_strategy="no",
         seed=7,
         data_seed=7,
     )
-    settings.update(overrides)
-    return PRIMEConfig(**settings)
+    return helpers.prime_config(tmp_path / "out", **{**settings, **overrides})
 
 
-LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
+LORA = helpers.TINY_LORA
 
 
 def make_trainer(model_dir, tmp_path, reward=coin_reward, dataset=None, peft=True, **overrides):
