@@ -27,9 +27,18 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from step_cost import StepTimer, coin_reward, lora_config, nf4_config, rss_mb, run_worker, summarise, trainer_args
+from step_cost import (
+    StepTimer,
+    coin_reward,
+    lora_config,
+    nf4_config,
+    rss_mb,
+    run_worker,
+    summarise,
+    trainer_args,
+    write_result,
+)
 
 SIZES = {
     # the demo model's shape (prime_trl.demo.model.DemoModelConfig), byte-level vocabulary
@@ -41,7 +50,6 @@ SIZES = {
         hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=4, intermediate_size=3072, completion=96, prompts=2
     ),
 }
-RESULTS_DIR = Path(__file__).parent / "results"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,11 +203,7 @@ def main() -> None:
     if options.qlora:
         report["peak_mem_ratio_qlora_over_lora"] = ratios("prime_qlora", "prime", "peak_mem_mb")
         report["step_time_ratio_qlora_over_lora"] = ratios("prime_qlora", "prime", "step_seconds")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"overhead_{options.size}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_result(f"overhead_{options.size}", report)
 
 
 if __name__ == "__main__":

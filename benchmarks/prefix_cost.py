@@ -39,11 +39,19 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from step_cost import StepTimer, coin_reward, lora_config, nf4_config, rss_mb, run_worker, summarise, trainer_args
+from step_cost import (
+    StepTimer,
+    coin_reward,
+    lora_config,
+    nf4_config,
+    rss_mb,
+    run_worker,
+    summarise,
+    trainer_args,
+    write_result,
+)
 
-RESULTS_DIR = Path(__file__).parent / "results"
 clock = time.process_time  # CPU seconds of this process (every run is single-threaded); see the module docstring
 VARIANTS = ("grpo", "outcome", "outcome_shared", "prime", "prime_shared", "prime_qlora")
 # Model shapes: the demo model and the ~71M-parameter model of overhead.py (random weights, byte-level tokenizer),
@@ -255,11 +263,7 @@ def main() -> None:
         },
         "floor_seconds": {v: rounds[0][v]["floor_seconds"] for v in variants if "floor_seconds" in rounds[0][v]},
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"{options.name or f'prefix_{options.model}_{options.prompt}_k{options.k}'}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_result(options.name or f"prefix_{options.model}_{options.prompt}_k{options.k}", report)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+RESULTS_DIR = Path(__file__).parent / "results"
 # The pieces of a step that `StepTimer` times; ``scoring`` contains the other three.
 TIMED_PIECES = ("generation", "reference_forward", "prm_update", "scoring")
 
@@ -188,3 +190,12 @@ def run_worker(script: str, variant: str, arguments: list[str]) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"{variant} run failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def write_result(name: str, report: dict) -> None:
+    """Print ``report`` and write it to ``results/<name>.json`` (what `report.py` reads)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"{name}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    print(f"wrote {out}")
