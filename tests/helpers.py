@@ -42,6 +42,29 @@ def prime_trainer(model, output_dir, train_dataset, reward_funcs=coin_reward, lo
     )
 
 
+def snapshot(model) -> dict:
+    """A copy of every parameter of ``model``, by name."""
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def assert_only_adapters_moved(before: dict, after: dict, every: bool = True) -> tuple[set, set]:
+    """Between two `snapshot`s the policy (``.default.``) and PRM (``.prm.``) LoRA tensors moved (``every`` one of
+    them, or at least one of each) and nothing else did: the shared base stays frozen. Returns the names of the
+    policy's and the PRM's LoRA tensors."""
+    import torch
+
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    lora = {name for name in before if "lora_" in name}
+    policy = {name for name in lora if ".default." in name}
+    prm = {name for name in lora if ".prm." in name}
+    assert policy and prm and len(lora) < len(before), "expected policy and PRM adapters on a base"
+    for role, names in (("policy", policy), ("PRM", prm)):
+        moved = names <= changed if every else bool(names & changed)
+        assert moved, f"{'not every' if every else 'no'} {role} LoRA tensor moved: {sorted(names - changed)[:3]}"
+    assert changed <= policy | prm, f"base weights changed: {sorted(changed - policy - prm)[:3]}"
+    return policy, prm
+
+
 def bos_tokenizer():
     """A byte-level tokenizer that adds a BOS to plain text (as Llama's, Mistral's and Gemma's do) and whose chat
     template writes the BOS itself; same vocabulary size as the tiny model's tokenizer."""

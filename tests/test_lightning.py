@@ -13,7 +13,7 @@ import torch
 
 lightning = pytest.importorskip("lightning")
 
-from helpers import TINY_LORA, coin_reward, prime_config  # noqa: E402
+from helpers import TINY_LORA, assert_only_adapters_moved, coin_reward, prime_config, snapshot  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from peft import LoraConfig, PeftModel  # noqa: E402
@@ -67,24 +67,12 @@ def make_trainer(max_steps, **kwargs):
     return lightning.Trainer(**settings)
 
 
-def snapshot(model):
-    return {name: param.detach().clone() for name, param in model.named_parameters()}
-
-
 def test_fit_trains_policy_and_prm_not_base(tiny_model_dir, tmp_path):
     module = make_module(tiny_model_dir)
     before = snapshot(module.model)
     trainer = make_trainer(3, logger=CSVLogger(str(tmp_path), name="csv"), log_every_n_steps=1)
     trainer.fit(module, datamodule=make_data())
-    after = snapshot(module.model)
-
-    policy = [n for n in before if ".default." in n]
-    prm = [n for n in before if ".prm." in n]
-    base = [n for n in before if "lora_" not in n]
-    assert policy and prm and base
-    assert all(not torch.equal(before[n], after[n]) for n in policy), "every policy LoRA tensor should move"
-    assert all(not torch.equal(before[n], after[n]) for n in prm), "every PRM LoRA tensor should move"
-    assert all(torch.equal(before[n], after[n]) for n in base), "the shared base must stay frozen"
+    policy, prm = assert_only_adapters_moved(before, snapshot(module.model))
 
     # One PRIME step per batch: 3 policy optimizer steps (Lightning's global_step) and 3 PRM optimizer steps, on
     # disjoint parameter sets.

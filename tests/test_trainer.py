@@ -6,6 +6,7 @@ import helpers
 import pytest
 import torch
 from datasets import Dataset
+from helpers import snapshot
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -61,22 +62,11 @@ class StopAtStep(TrainerCallback):
             control.should_training_stop = True
 
 
-def snapshot(model):
-    return {name: param.detach().clone() for name, param in model.named_parameters()}
-
-
 def test_policy_and_prm_train_base_stays_frozen(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, accuracy_filter=False)
     before = snapshot(trainer.model)
     trainer.train()
-    after = snapshot(trainer.model)
-    policy = [n for n in before if ".default." in n]
-    prm = [n for n in before if ".prm." in n]
-    base = [n for n in before if "lora_" not in n]
-    assert policy and prm and base
-    assert all(not torch.equal(before[n], after[n]) for n in policy), "every policy LoRA tensor should move"
-    assert all(not torch.equal(before[n], after[n]) for n in prm), "every PRM LoRA tensor should move"
-    assert all(torch.equal(before[n], after[n]) for n in base), "the shared base must stay frozen"
+    policy, prm = helpers.assert_only_adapters_moved(before, snapshot(trainer.model))
 
     # The two optimizers hold disjoint parameter sets: the policy's and the PRM's adapter.
     policy_ids = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
