@@ -25,10 +25,20 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
+
+from step_cost import (
+    StepTimer,
+    coin_reward,
+    lora_config,
+    nf4_config,
+    rss_mb,
+    run_worker,
+    summarise,
+    trainer_args,
+    write_result,
+)
 
 SIZES = {
     # the demo model's shape (prime_trl.demo.model.DemoModelConfig), byte-level vocabulary
@@ -40,15 +50,6 @@ SIZES = {
         hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=4, intermediate_size=3072, completion=96, prompts=2
     ),
 }
-RESULTS_DIR = Path(__file__).parent / "results"
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,40 +61,15 @@ def worker(variant: str, size: str, steps: int, warmup: int, model_dir: str) -> 
     import torch
 
     torch.set_num_threads(1)
-    import zlib
-
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import BitsAndBytesConfig, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from prime_trl import PRIMEConfig, PRIMETrainer
     from prime_trl.algo.prm import ImplicitPRM, completion_log_probs
 
     shape = SIZES[size]
-
-    def coin_reward(completions, **kwargs):
-        return [float(zlib.crc32(c.encode()) % 2) for c in completions]
-
-    common = dict(
-        output_dir=f"/tmp/prime-overhead-{variant}",
-        per_device_train_batch_size=4 * shape["prompts"],
-        num_generations=4,
-        max_completion_length=shape["completion"],
-        max_steps=warmup + steps,
-        learning_rate=1e-5,
-        loss_type="grpo",
-        beta=0.0,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-    )
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    rows = 4 * shape["prompts"]
+    common = trainer_args(f"/tmp/prime-overhead-{variant}", rows, 4, shape["completion"], warmup + steps)
     dataset = Dataset.from_list([{"prompt": f"Q:{i}+{i % 7}*3=?A:"} for i in range(64)])
 
     class SeparateModelsPRM(ImplicitPRM):
@@ -128,104 +104,38 @@ def worker(variant: str, size: str, steps: int, warmup: int, model_dir: str) -> 
                 prm_model, ref_model, beta=self.args.prime_beta, micro_batch_size=self.args.per_device_train_batch_size
             )
 
-    baseline_mb = _rss_mb("VmRSS")
+    baseline_mb = rss_mb("VmRSS")
     if variant == "grpo":
         trainer = GRPOTrainer(
-            model_dir, reward_funcs=coin_reward, args=GRPOConfig(**common), train_dataset=dataset, peft_config=lora
+            model_dir,
+            reward_funcs=coin_reward,
+            args=GRPOConfig(**common),
+            train_dataset=dataset,
+            peft_config=lora_config(),
         )
     else:
         args = PRIMEConfig(**common, accuracy_filter=False)
         trainer_class = SeparateModelsPRIMETrainer if variant == "separate" else PRIMETrainer
-        quantization = None
-        if variant == "prime_qlora":
-            quantization = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-            )
         trainer = trainer_class(
             model_dir,
             args=args,
             reward_funcs=coin_reward,
             train_dataset=dataset,
-            peft_config=lora,
-            quantization_config=quantization,
+            peft_config=lora_config(),
+            quantization_config=nf4_config() if variant == "prime_qlora" else None,
         )
 
     # Time split of a step: wrap the pieces we can see from outside.
-    timings = {"generation": 0.0, "reference_forward": 0.0, "prm_update": 0.0, "scoring": 0.0}
-    original_generate = trainer._generate
-
-    def timed_generate(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original_generate(*args, **kwargs)
-        finally:
-            timings["generation"] += time.perf_counter() - start
-
-    trainer._generate = timed_generate
-    original_score = trainer._generate_and_score_completions
-
-    def timed_score(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original_score(*args, **kwargs)
-        finally:
-            timings["scoring"] += time.perf_counter() - start
-
-    trainer._generate_and_score_completions = timed_score
-    if variant != "grpo":
-        prm = trainer.prm
-        original_log_probs, original_update = prm._log_probs, prm.score_and_update
-
-        def timed_log_probs(batch, adapter, share):
-            start = time.perf_counter()
-            try:
-                return original_log_probs(batch, adapter, share)
-            finally:
-                if adapter is None:
-                    timings["reference_forward"] += time.perf_counter() - start
-
-        def timed_update(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original_update(*args, **kwargs)
-            finally:
-                timings["prm_update"] += time.perf_counter() - start
-
-        prm._log_probs, prm.score_and_update = timed_log_probs, timed_update
-
-    step_times, splits = [], []
-
-    class StepClock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            for key in timings:
-                timings[key] = 0.0
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step > warmup:
-                step_times.append(time.perf_counter() - self.start)
-                splits.append(dict(timings))
-
-    trainer.add_callback(StepClock())
+    timer = StepTimer(trainer, warmup, prm=trainer.prm if variant != "grpo" else None)
     trainer.train()
     params = sum(p.numel() for p in trainer.model.get_base_model().parameters())
-    split = {key: statistics.median(s[key] for s in splits) for key in timings}
-    total = statistics.median(step_times)
-    # prm_update includes the reference forwards it runs; report them apart.
-    breakdown = {
-        "generation": split["generation"],
-        "reference_forward": split["reference_forward"],
-        "prm_update": split["prm_update"] - split["reference_forward"],
-        "other_scoring": split["scoring"] - split["generation"] - split["prm_update"],
-        "policy_update": total - split["scoring"],
-    }
     return {
         "variant": variant,
         "size": size,
         "base_parameters": params,
-        "step_seconds": total,
-        "peak_mem_mb": _rss_mb("VmHWM") - baseline_mb,
-        "breakdown_seconds": breakdown,
+        "step_seconds": timer.step_seconds(),
+        "peak_mem_mb": rss_mb("VmHWM") - baseline_mb,
+        "breakdown_seconds": timer.breakdown(),
     }
 
 
@@ -235,17 +145,8 @@ def worker(variant: str, size: str, steps: int, warmup: int, model_dir: str) -> 
 
 
 def run_variant(variant: str, size: str, steps: int, warmup: int, model_dir: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
-    command = [sys.executable, __file__, "--worker", variant, "--size", size, "--steps", str(steps)]
-    command += ["--warmup", str(warmup), "--model-dir", model_dir]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{variant} run failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def summarise(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    arguments = ["--size", size, "--steps", str(steps), "--warmup", str(warmup), "--model-dir", model_dir]
+    return run_worker(__file__, variant, arguments)
 
 
 def main() -> None:
@@ -302,11 +203,7 @@ def main() -> None:
     if options.qlora:
         report["peak_mem_ratio_qlora_over_lora"] = ratios("prime_qlora", "prime", "peak_mem_mb")
         report["step_time_ratio_qlora_over_lora"] = ratios("prime_qlora", "prime", "step_seconds")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"overhead_{options.size}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_result(f"overhead_{options.size}", report)
 
 
 if __name__ == "__main__":

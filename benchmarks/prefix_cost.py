@@ -37,12 +37,21 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-RESULTS_DIR = Path(__file__).parent / "results"
+from step_cost import (
+    StepTimer,
+    coin_reward,
+    lora_config,
+    nf4_config,
+    rss_mb,
+    run_worker,
+    summarise,
+    trainer_args,
+    write_result,
+)
+
 clock = time.process_time  # CPU seconds of this process (every run is single-threaded); see the module docstring
 VARIANTS = ("grpo", "outcome", "outcome_shared", "prime", "prime_shared", "prime_qlora")
 # Model shapes: the demo model and the ~71M-parameter model of overhead.py (random weights, byte-level tokenizer),
@@ -54,14 +63,6 @@ MODELS = {
 }
 DEFAULT_COMPLETION = {"demo": 48, "large": 32, "smollm2": 32}
 DEFAULT_GROUPS = {"demo": 2, "large": 1, "smollm2": 1}  # prompts per step (each with K completions)
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def prompts(kind: str, count: int = 64) -> list:
@@ -83,46 +84,22 @@ def worker(options: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    import zlib
-
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from prime_trl import PRIMEConfig, PRIMETrainer
     from prime_trl.algo.prm import completion_log_probs
 
     variant = options.worker
-
-    def coin_reward(completions, **kwargs):
-        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-        return [float(zlib.crc32(t.encode()) % 2) for t in texts]
-
     rows = options.k * DEFAULT_GROUPS[options.model]
-    common = dict(
-        output_dir=f"/tmp/prime-prefix-cost-{variant}",
-        per_device_train_batch_size=rows,
-        num_generations=options.k,
-        max_completion_length=options.completion,
-        max_steps=options.warmup + options.steps,
-        learning_rate=1e-5,
-        loss_type="grpo",
-        beta=0.0,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
+    common = trainer_args(
+        f"/tmp/prime-prefix-cost-{variant}", rows, options.k, options.completion, options.warmup + options.steps
     )
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
     dataset = Dataset.from_list([{"prompt": p} for p in prompts(options.prompt)])
     tokenizer = AutoTokenizer.from_pretrained(options.model_dir, padding_side="left")
 
-    baseline_mb = _rss_mb("VmRSS")
+    baseline_mb = rss_mb("VmRSS")
     if variant == "grpo":
         trainer = GRPOTrainer(
             options.model_dir,
@@ -130,110 +107,39 @@ def worker(options: argparse.Namespace) -> dict:
             args=GRPOConfig(**common),
             train_dataset=dataset,
             processing_class=tokenizer,
-            peft_config=lora,
+            peft_config=lora_config(),
         )
     else:
         prime = dict(accuracy_filter=False, share_prompt_prefix=variant != "prime" and variant != "outcome")
         if variant.startswith("outcome"):
             prime.update(process_reward_coef=0.0, prm_update="none")
-        quantization = None
-        if variant == "prime_qlora":
-            quantization = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-            )
         trainer = PRIMETrainer(
             options.model_dir,
             args=PRIMEConfig(**common, **prime),
             reward_funcs=coin_reward,
             train_dataset=dataset,
             processing_class=tokenizer,
-            peft_config=lora,
-            quantization_config=quantization,
+            peft_config=lora_config(),
+            quantization_config=nf4_config() if variant == "prime_qlora" else None,
         )
 
-    timings = {"generation": 0.0, "reference_forward": 0.0, "prm_update": 0.0, "scoring": 0.0}
-    prompt_tokens, completion_tokens = [], []
-
-    def timed(name: str, function):
-        def wrapper(*args, **kwargs):
-            start = clock()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                timings[name] += clock() - start
-
-        return wrapper
-
-    trainer._generate = timed("generation", trainer._generate)
-    original_score = timed("scoring", trainer._generate_and_score_completions)
-
-    def score(*args, **kwargs):
-        output = original_score(*args, **kwargs)
-        prompt_tokens.append(float(output["prompt_mask"].sum(1).float().mean()))
-        completion_tokens.append(float(output["completion_mask"].sum(1).float().mean()))
-        return output
-
-    trainer._generate_and_score_completions = score
-    last_batch = {}
-    if variant.startswith("prime"):
-        prm = trainer.prm
-        original_log_probs = prm._log_probs
-
-        def reference_timed(batch, adapter, share):
-            start = clock()
-            try:
-                return original_log_probs(batch, adapter, share)
-            finally:
-                if adapter is None:
-                    timings["reference_forward"] += clock() - start
-
-        prm._log_probs = reference_timed
-        original_update = timed("prm_update", prm.score_and_update)
-
-        def update(batch, *args, **kwargs):
-            last_batch["batch"] = batch
-            return original_update(batch, *args, **kwargs)
-
-        prm.score_and_update = update
-
-    step_times, wall_times, splits = [], [], []
-
-    class StepClock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            for key in timings:
-                timings[key] = 0.0
-            self.start, self.wall_start = clock(), time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step > options.warmup:
-                step_times.append(clock() - self.start)
-                wall_times.append(time.perf_counter() - self.wall_start)
-                splits.append(dict(timings))
-
-    trainer.add_callback(StepClock())
+    prm = trainer.prm if variant.startswith("prime") else None
+    timer = StepTimer(trainer, options.warmup, clock=clock, prm=prm)
     trainer.train()
-    split = {key: statistics.median(s[key] for s in splits) for key in timings}
-    total = statistics.median(step_times)
-    breakdown = {
-        "generation": split["generation"],
-        "reference_forward": split["reference_forward"],
-        "prm_update": split["prm_update"] - split["reference_forward"],  # its own forward + backward + step
-        "other_scoring": split["scoring"] - split["generation"] - split["prm_update"],
-        "policy_update": total - split["scoring"],
-    }
+    split = timer.split()
     result = {
         "variant": variant,
         "base_parameters": sum(p.numel() for p in trainer.model.get_base_model().parameters()),
-        "step_seconds": total,
-        "step_wall_seconds": statistics.median(wall_times),
-        "peak_mem_mb": _rss_mb("VmHWM") - baseline_mb,
-        "breakdown_seconds": breakdown,
-        "mean_prompt_tokens": statistics.mean(prompt_tokens),
-        "mean_completion_tokens": statistics.mean(completion_tokens),
+        "step_seconds": timer.step_seconds(),
+        "step_wall_seconds": statistics.median(timer.wall_times),
+        "peak_mem_mb": rss_mb("VmHWM") - baseline_mb,
+        "breakdown_seconds": timer.breakdown(),
+        "mean_prompt_tokens": statistics.mean(timer.prompt_tokens),
+        "mean_completion_tokens": statistics.mean(timer.completion_tokens),
     }
-    if variant.startswith("prime") and "batch" in last_batch:
+    if prm is not None and timer.last_prm_batch is not None:
         result["prime_seconds"] = split["prm_update"]  # reference + PRM update, inside the trainer
-        result["floor_seconds"] = floor_seconds(prm, last_batch["batch"], completion_log_probs)
+        result["floor_seconds"] = floor_seconds(prm, timer.last_prm_batch, completion_log_probs)
     return result
 
 
@@ -262,18 +168,10 @@ def floor_seconds(prm, batch, completion_log_probs) -> float:
 
 
 def run_variant(variant: str, options: argparse.Namespace, model_dir: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
-    command = [sys.executable, __file__, "--worker", variant, "--model-dir", model_dir]
+    arguments = ["--model-dir", model_dir]
     for name in ("model", "prompt", "k", "completion", "steps", "warmup"):
-        command += [f"--{name}", str(getattr(options, name))]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{variant} run failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def summarise(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+        arguments += [f"--{name}", str(getattr(options, name))]
+    return run_worker(__file__, variant, arguments)
 
 
 def main() -> None:
@@ -365,11 +263,7 @@ def main() -> None:
         },
         "floor_seconds": {v: rounds[0][v]["floor_seconds"] for v in variants if "floor_seconds" in rounds[0][v]},
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"{options.name or f'prefix_{options.model}_{options.prompt}_k{options.k}'}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_result(options.name or f"prefix_{options.model}_{options.prompt}_k{options.k}", report)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
-    if name == "PRIMEConfig":
-        from .trainer.prime_config import PRIMEConfig
+    if name in ("PRIMEConfig", "PRIMETrainer"):
+        from . import trainer  # light: it imports the two classes on first use too
 
-        return PRIMEConfig
-    if name == "PRIMETrainer":
-        from .trainer.prime_trainer import PRIMETrainer
-
-        return PRIMETrainer
+        return getattr(trainer, name)
     raise AttributeError(f"module 'prime_trl' has no attribute {name!r}")

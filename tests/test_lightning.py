@@ -1,6 +1,7 @@
 """PRIMEModule on a tiny local model with Lightning on CPU: what trains, equivalence with PRIMETrainer,
 checkpoints and exact resume, the rollout's masks, and a 2-process DDP run."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 
 lightning = pytest.importorskip("lightning")
 
+from helpers import TINY_LORA, assert_only_adapters_moved, coin_reward, prime_config, snapshot  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from peft import LoraConfig, PeftModel  # noqa: E402
@@ -21,13 +23,8 @@ from prime_trl import PRIMEConfig, PRIMETrainer  # noqa: E402
 from prime_trl.algo.prm import CompletionBatch  # noqa: E402
 from prime_trl.lightning import PRIMEDataModule, PRIMEModule, PRIMEModuleConfig  # noqa: E402
 
-LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
+LORA = TINY_LORA
 DDP_SCRIPT = Path(__file__).parent / "scripts" / "ddp_lightning.py"
-
-
-def coin_reward(completions, **kwargs):
-    """A deterministic pseudo-random 0/1 verdict per completion, so groups are mixed and advantages non-zero."""
-    return [float(zlib.crc32(c.encode()) % 2) for c in completions]
 
 
 def make_config(**overrides):
@@ -70,24 +67,12 @@ def make_trainer(max_steps, **kwargs):
     return lightning.Trainer(**settings)
 
 
-def snapshot(model):
-    return {name: param.detach().clone() for name, param in model.named_parameters()}
-
-
 def test_fit_trains_policy_and_prm_not_base(tiny_model_dir, tmp_path):
     module = make_module(tiny_model_dir)
     before = snapshot(module.model)
     trainer = make_trainer(3, logger=CSVLogger(str(tmp_path), name="csv"), log_every_n_steps=1)
     trainer.fit(module, datamodule=make_data())
-    after = snapshot(module.model)
-
-    policy = [n for n in before if ".default." in n]
-    prm = [n for n in before if ".prm." in n]
-    base = [n for n in before if "lora_" not in n]
-    assert policy and prm and base
-    assert all(not torch.equal(before[n], after[n]) for n in policy), "every policy LoRA tensor should move"
-    assert all(not torch.equal(before[n], after[n]) for n in prm), "every PRM LoRA tensor should move"
-    assert all(torch.equal(before[n], after[n]) for n in base), "the shared base must stay frozen"
+    policy, prm = assert_only_adapters_moved(before, snapshot(module.model))
 
     # One PRIME step per batch: 3 policy optimizer steps (Lightning's global_step) and 3 PRM optimizer steps, on
     # disjoint parameter sets.
@@ -146,32 +131,24 @@ def random_batch(seed, rows=12, prompt_len=5, completion_len=7):
     )
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [dict(), dict(prm_update="double", prm_loss_type="dpo", prm_num_mini_batches=2, advantage_estimator="grpo")],
-    ids=["ce-single", "dpo-double-minibatches-grpo"],
-)
-def test_advantages_and_prm_update_match_trainer(tiny_model_dir, tmp_path, overrides):
-    """Same completions and scores in, same advantages and same PRM adapter out, bit for bit, over two updates."""
-    args = PRIMEConfig(
-        output_dir=str(tmp_path / "trl"),
+def trainer_and_module(model_dir, out_dir, **overrides):
+    """A `PRIMETrainer` and a `PRIMEModule` configured from the very same `PRIMEConfig`, with identical non-zero LoRA
+    weights, ready for their PRIME steps on the same batches."""
+    from datasets import Dataset
+
+    args = prime_config(
+        out_dir,
         per_device_train_batch_size=12,
         num_generations=4,
         max_completion_length=7,
         prm_learning_rate=0.05,
         prm_micro_batch_size=4,
-        use_cpu=True,
-        bf16=False,
         gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
         **overrides,
     )
     rows = [{"prompt": f"Q{i}=", "answer": "1"} for i in range(12)]
-    from datasets import Dataset
-
     trainer = PRIMETrainer(
-        tiny_model_dir,
+        model_dir,
         args=args,
         reward_funcs=coin_reward,
         train_dataset=Dataset.from_list(rows),
@@ -180,12 +157,23 @@ def test_advantages_and_prm_update_match_trainer(tiny_model_dir, tmp_path, overr
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
     # The mapping under test: the module is configured from the very same PRIMEConfig.
     config = PRIMEModuleConfig.from_prime_config(args, lr_scheduler_type="constant")
-    module = PRIMEModule(tiny_model_dir, coin_reward, config, peft_config=LoraConfig(**LORA))
+    module = PRIMEModule(model_dir, coin_reward, config, peft_config=LoraConfig(**LORA))
     module.configure_optimizers()
     assert module.prm.micro_batch_size == trainer.prm.micro_batch_size == 4
     for model in (trainer.model, module.model):
         randomize_lora(model)
     trainer.model.train()
+    return trainer, module
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(prm_update="double", prm_loss_type="dpo", prm_num_mini_batches=2, advantage_estimator="grpo")],
+    ids=["ce-single", "dpo-double-minibatches-grpo"],
+)
+def test_advantages_and_prm_update_match_trainer(tiny_model_dir, tmp_path, overrides):
+    """Same completions and scores in, same advantages and same PRM adapter out, bit for bit, over two updates."""
+    trainer, module = trainer_and_module(tiny_model_dir, tmp_path / "trl", **overrides)
 
     # Group 0 mixed, group 1 all correct (filtered out by the accuracy filter), group 2 mixed.
     rewards = torch.tensor([[1.0], [0], [0], [1], [1], [1], [1], [1], [0], [1], [0], [0]])
@@ -205,6 +193,46 @@ def test_advantages_and_prm_update_match_trainer(tiny_model_dir, tmp_path, overr
     assert len(moved) == len(module_prm), "the PRM update should have changed every PRM tensor"
     # Filtered rows (group 1) get no advantage.
     assert torch.equal(actual[4:8], torch.zeros_like(actual[4:8]))
+
+
+def test_outcome_labels_match_trainer_inside_and_outside_the_unit_interval(
+    tiny_model_dir, tmp_path, monkeypatch, caplog
+):
+    """Both front ends turn the same verifier scores into the same PRM labels, batch after batch: scores in [0, 1]
+    are the labels; the first batch with a score outside [0, 1] settles outcome_label='auto' on group_mean in both,
+    for the rest of the run (a later batch inside [0, 1] keeps it), with one warning each."""
+    import prime_trl.algo.core as core
+
+    trainer, module = trainer_and_module(tiny_model_dir, tmp_path / "trl", accuracy_filter=False)
+    recorded = []
+    outcome_labels = core.outcome_labels
+
+    def recording_outcome_labels(*args):
+        labels = outcome_labels(*args)
+        recorded.append((args[2], labels))  # (rule, labels)
+        return labels
+
+    monkeypatch.setattr(core, "outcome_labels", recording_outcome_labels)
+    soft = [0.2, 0.9, 0.5, 1.0, 0.0, 0.4, 0.7, 0.1, 1.0, 0.6, 0.3, 0.8]
+    outside = [-1.0, 2.5, 0.5, 3.0, 1.0, -2.0, 0.0, 4.0, 0.2, 0.9, -0.5, 1.5]
+    expected_rules = ["score", "group_mean", "group_mean"]
+    with caplog.at_level(logging.WARNING):
+        for step, scores in enumerate([soft, outside, soft]):
+            rewards = torch.tensor(scores).unsqueeze(-1)
+            batch = random_batch(seed=step)
+            expected = trainer._prime_step(batch, rewards, "train")
+            actual = module.prime_step(batch, rewards).advantages
+            (trainer_rule, trainer_labels), (module_rule, module_labels) = recorded
+            recorded.clear()
+            assert trainer_rule == module_rule == expected_rules[step], step
+            assert torch.equal(module_labels, trainer_labels), step
+            assert torch.equal(actual, expected), f"advantages differ at update {step}"
+    assert torch.equal(trainer_labels, torch.tensor([0.0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1]))  # above group mean
+    assert trainer.prime_settings.outcome_label == module.settings.outcome_label == "group_mean"
+    assert module.config.outcome_label == "auto"  # the user's config is left as given
+    for logger_name in ("prime_trl.trainer.prime_trainer", "prime_trl.lightning.module"):
+        warnings = [r for r in caplog.records if r.name == logger_name and "outside [0, 1]" in r.getMessage()]
+        assert len(warnings) == 1 and "coin_reward" in warnings[0].getMessage(), logger_name
 
 
 def _initial_lora(name, like):

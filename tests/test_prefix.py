@@ -5,13 +5,12 @@ import logging
 import pytest
 import torch
 from datasets import Dataset
-from helpers import coin_reward
+from helpers import prime_trainer
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
 import prime_trl.algo.prefix as prefix
-from prime_trl import PRIMEConfig, PRIMETrainer
 from prime_trl.algo.prm import CompletionBatch, ImplicitPRM, add_prm_adapter, completion_log_probs
 from prime_trl.tiny import build_model, build_tokenizer
 
@@ -210,30 +209,21 @@ def train_adapters(model_dir: str, out_dir: str, share: bool) -> dict[str, torch
     """Three PRIME steps with TRL's defaults that matter here: non-reentrant gradient checkpointing, and
     steps_per_generation=2 shuffling rows across the policy's micro-batches."""
     prompts = [f"Question {i}: add the numbers below and explain each step.\n" for i in range(12)]
-    trainer = PRIMETrainer(
+    trainer = prime_trainer(
         AutoModelForCausalLM.from_pretrained(model_dir),
-        args=PRIMEConfig(
-            output_dir=out_dir,
-            per_device_train_batch_size=4,
-            steps_per_generation=2,
-            num_generations=4,
-            max_completion_length=8,
-            max_steps=3,
-            learning_rate=0.02,
-            prm_learning_rate=0.02,
-            accuracy_filter=False,
-            share_prompt_prefix=share,
-            gradient_checkpointing=True,
-            bf16=False,
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
-            seed=5,
-        ),
-        reward_funcs=coin_reward,
-        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
-        processing_class=None,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+        out_dir,
+        Dataset.from_list([{"prompt": p} for p in prompts]),
+        per_device_train_batch_size=4,
+        steps_per_generation=2,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=3,
+        learning_rate=0.02,
+        prm_learning_rate=0.02,
+        accuracy_filter=False,
+        share_prompt_prefix=share,
+        gradient_checkpointing=True,
+        seed=5,
     )
     trainer.train()
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}

@@ -3,13 +3,11 @@
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig
 
-from prime_trl import PRIMEConfig, PRIMETrainer
 from prime_trl.trainer.quantization import is_quantized, protect_4bit_base
 
 bnb = pytest.importorskip("bitsandbytes")
-from helpers import coin_reward  # noqa: E402
+from helpers import prime_trainer  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
@@ -32,27 +30,18 @@ def four_bit_state(model):
 
 
 def qlora_trainer(model, tmp_path, quantization_config=None):
-    args = PRIMEConfig(
-        output_dir=str(tmp_path),
+    return prime_trainer(
+        model,
+        tmp_path,
+        Dataset.from_list([{"prompt": f"Q{i}=", "answer": "1"} for i in range(16)]),
+        quantization_config=quantization_config,
         per_device_train_batch_size=8,
         max_completion_length=10,
         max_steps=2,
         learning_rate=0.05,
         prm_learning_rate=0.05,
         accuracy_filter=False,
-        use_cpu=True,
-        bf16=False,
         gradient_checkpointing=True,
-        report_to="none",
-        save_strategy="no",
-    )
-    return PRIMETrainer(
-        model,
-        args=args,
-        reward_funcs=coin_reward,
-        train_dataset=Dataset.from_list([{"prompt": f"Q{i}=", "answer": "1"} for i in range(16)]),
-        quantization_config=quantization_config,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset, concatenate_datasets
+from helpers import assert_only_adapters_moved, prime_trainer, snapshot
 from peft import LoraConfig
 
 from prime_trl import PRIMEConfig, PRIMETrainer
@@ -65,7 +66,6 @@ def short_rows() -> Dataset:
 
 def make_trainer(model, out: Path, train_dataset: Dataset, **overrides) -> PRIMETrainer:
     settings = dict(
-        output_dir=str(out),
         per_device_train_batch_size=4,
         num_generations=2,
         max_completion_length=24,
@@ -73,26 +73,11 @@ def make_trainer(model, out: Path, train_dataset: Dataset, **overrides) -> PRIME
         learning_rate=1e-3,
         prm_learning_rate=1e-3,
         accuracy_filter=False,  # a 135M model gets most GSM8K rows wrong: keep every group so both adapters learn
-        use_cpu=True,
-        bf16=False,
         gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
         logging_steps=1,
         seed=7,
     )
-    settings.update(overrides)
-    return PRIMETrainer(
-        model,
-        args=PRIMEConfig(**settings),
-        reward_funcs=math_reward,
-        train_dataset=train_dataset,
-        peft_config=LoraConfig(**LORA),
-    )
-
-
-def weights(model) -> dict[str, torch.Tensor]:
-    return {name: param.detach().clone() for name, param in model.named_parameters()}
+    return prime_trainer(model, out, train_dataset, math_reward, LORA, **{**settings, **overrides})
 
 
 def test_smollm2_resolves_to_a_cached_float_llama(smollm2_dir):
@@ -164,20 +149,14 @@ def straight_run(smollm2_dir, shared_data_dir, tmp_path_factory):
     """2 PRIME steps on GSM8K rows, checkpointing after each: (trainer, weights before, weights after)."""
     out = tmp_path_factory.mktemp("straight")
     trainer = make_trainer(smollm2_dir, out, gsm8k_rows(shared_data_dir), save_strategy="steps", save_steps=1)
-    before = weights(trainer.model)
+    before = snapshot(trainer.model)
     trainer.train()
-    return trainer, before, weights(trainer.model), out
+    return trainer, before, snapshot(trainer.model), out
 
 
 def test_two_prime_steps_move_both_adapters_and_not_the_base(straight_run):
     trainer, before, after, _ = straight_run
-    changed = {name for name in before if not torch.equal(before[name], after[name])}
-    policy = {name for name in before if "lora_" in name and ".default." in name}
-    prm = {name for name in before if "lora_" in name and ".prm." in name}
-    assert policy and prm
-    assert changed & policy, "policy adapter did not move"
-    assert changed & prm, "PRM adapter did not move"
-    assert changed <= policy | prm, f"base weights changed: {sorted(changed - policy - prm)[:3]}"
+    assert_only_adapters_moved(before, after, every=False)
     logged = [entry for entry in trainer.state.log_history if "process_reward/abs_max" in entry]
     assert logged[0]["process_reward/abs_max"] == 0.0  # step 0: PRM == reference
     assert logged[-1]["process_reward/abs_max"] > 0.0  # after one PRM update the rewards are live
@@ -187,7 +166,7 @@ def test_resume_from_checkpoint_equals_straight_training(straight_run, smollm2_d
     _, _, expected, out = straight_run
     resumed = make_trainer(smollm2_dir, tmp_path, gsm8k_rows(shared_data_dir), save_strategy="steps", save_steps=1)
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-1"))
-    actual = weights(resumed.model)
+    actual = snapshot(resumed.model)
     lora = [name for name in expected if "lora_" in name]
     diff = max((expected[name] - actual[name]).abs().max().item() for name in lora)
     assert diff == 0.0, f"resumed adapters differ from straight training by {diff}"
@@ -198,36 +177,18 @@ def test_qlora_4bit_on_the_real_model(smollm2_dir, shared_data_dir, tmp_path):
     from transformers import BitsAndBytesConfig
 
     pytest.importorskip("bitsandbytes")
-    trainer = PRIMETrainer(
+    trainer = make_trainer(
         smollm2_dir,
-        args=PRIMEConfig(
-            output_dir=str(tmp_path),
-            per_device_train_batch_size=4,
-            num_generations=2,
-            max_completion_length=16,
-            max_steps=2,
-            learning_rate=1e-3,
-            prm_learning_rate=1e-3,
-            accuracy_filter=False,
-            use_cpu=True,
-            bf16=False,
-            gradient_checkpointing=False,
-            report_to="none",
-            save_strategy="no",
-            seed=7,
-        ),
-        reward_funcs=math_reward,
-        train_dataset=gsm8k_rows(shared_data_dir, limit=1),
-        peft_config=LoraConfig(**LORA),
+        tmp_path,
+        gsm8k_rows(shared_data_dir, limit=1),
+        max_completion_length=16,
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
     )
     assert trainer.model.get_base_model().is_loaded_in_4bit
-    before = weights(trainer.model)
+    before = snapshot(trainer.model)
     trainer.train()
-    after = weights(trainer.model)
-    changed = {name for name in before if not torch.equal(before[name], after[name])}
-    assert any(".default." in name for name in changed) and any(".prm." in name for name in changed)
-    assert all("lora_" in name for name in changed)
+    after = snapshot(trainer.model)
+    assert_only_adapters_moved(before, after, every=False)
     trainer.save_model(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "prm" / "adapter_model.safetensors").is_file()
 
@@ -250,7 +211,7 @@ def test_lightning_two_steps_on_the_real_model(shared_data_dir, smollm2_dir):
     )
     module = PRIMEModule("smollm2-135m", math_reward, config, peft_config=LoraConfig(**LORA))
     assert module.tokenizer.eos_token == EOS
-    before = weights(module.model)
+    before = snapshot(module.model)
     data = PRIMEDataModule(gsm8k_rows(shared_data_dir).to_list(), prompts_per_device=2, seed=1)
     trainer = lightning.Trainer(
         accelerator="cpu",
@@ -262,10 +223,8 @@ def test_lightning_two_steps_on_the_real_model(shared_data_dir, smollm2_dir):
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=data)
-    after = weights(module.model)
-    changed = {name for name in before if not torch.equal(before[name], after[name])}
-    assert any(".default." in name for name in changed) and any(".prm." in name for name in changed)
-    assert all("lora_" in name for name in changed)
+    after = snapshot(module.model)
+    assert_only_adapters_moved(before, after, every=False)
 
 
 def test_cli_train_eval_score_round_trip(tmp_path, capsys):

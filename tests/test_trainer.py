@@ -6,10 +6,11 @@ import helpers
 import pytest
 import torch
 from datasets import Dataset
+from helpers import snapshot
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from prime_trl import PRIMEConfig, PRIMETrainer
+from prime_trl import PRIMETrainer
 from prime_trl.algo.prm import CompletionBatch
 from prime_trl.rewards.reward_funcs import RewardFunctionError
 
@@ -25,27 +26,21 @@ def make_dataset(n=16):
 
 def make_args(tmp_path, **overrides):
     settings = dict(
-        output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
         num_generations=4,
         max_completion_length=12,
         max_steps=3,
         learning_rate=0.05,
         prm_learning_rate=0.05,
-        use_cpu=True,
-        bf16=False,
         gradient_checkpointing=False,
-        report_to="none",
         logging_steps=1,
-        save_strategy="no",
         seed=7,
         data_seed=7,
     )
-    settings.update(overrides)
-    return PRIMEConfig(**settings)
+    return helpers.prime_config(tmp_path / "out", **{**settings, **overrides})
 
 
-LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
+LORA = helpers.TINY_LORA
 
 
 def make_trainer(model_dir, tmp_path, reward=coin_reward, dataset=None, peft=True, **overrides):
@@ -67,22 +62,11 @@ class StopAtStep(TrainerCallback):
             control.should_training_stop = True
 
 
-def snapshot(model):
-    return {name: param.detach().clone() for name, param in model.named_parameters()}
-
-
 def test_policy_and_prm_train_base_stays_frozen(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, accuracy_filter=False)
     before = snapshot(trainer.model)
     trainer.train()
-    after = snapshot(trainer.model)
-    policy = [n for n in before if ".default." in n]
-    prm = [n for n in before if ".prm." in n]
-    base = [n for n in before if "lora_" not in n]
-    assert policy and prm and base
-    assert all(not torch.equal(before[n], after[n]) for n in policy), "every policy LoRA tensor should move"
-    assert all(not torch.equal(before[n], after[n]) for n in prm), "every PRM LoRA tensor should move"
-    assert all(torch.equal(before[n], after[n]) for n in base), "the shared base must stay frozen"
+    policy, prm = helpers.assert_only_adapters_moved(before, snapshot(trainer.model))
 
     # The two optimizers hold disjoint parameter sets: the policy's and the PRM's adapter.
     policy_ids = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}

@@ -148,6 +148,36 @@ def test_non_binary_rewards_train_and_warn_once(tiny_model_dir, tmp_path, reward
     assert trainer.prime_settings.outcome_label == "group_mean"
 
 
+def test_check_verifier_scores_settles_auto_once_and_names_the_verifiers():
+    """The shared check (PRIMETrainer and PRIMEModule): 'auto' becomes group_mean at the first score outside [0, 1]
+    and stays; an explicit rule is kept; NaN (None) scores are not out of range; the default verifier that leaves
+    rows to other functions is named with the fix."""
+    from prime_trl.algo.settings import PRIMESettings
+    from prime_trl.algo.step import check_verifier_scores
+
+    nan = float("nan")
+    names = ["math_reward", "code_reward"]
+    settings = PRIMESettings()
+    inside = torch.tensor([[0.0, nan], [1.0, nan], [nan, 0.5], [0.25, nan]])
+    assert check_verifier_scores(settings, inside, [0, 1], names, verifier_named=True) == []
+    assert settings.outcome_label == "auto"
+    outside = torch.tensor([[0.0, nan], [nan, -3.0], [nan, 2.0], [1.0, nan]])
+    [(key, message)] = check_verifier_scores(settings, outside, [0, 1], names, verifier_named=True)
+    assert key == "score_range" and "'code_reward'" in message and "[-3, 2]" in message
+    assert settings.outcome_label == "group_mean"
+    assert check_verifier_scores(settings, inside, [0, 1], names, verifier_named=True) == []
+    assert settings.outcome_label == "group_mean"  # sticky
+
+    explicit = PRIMESettings(outcome_label="threshold")
+    [(_, message)] = check_verifier_scores(explicit, outside, [1], names, verifier_named=True)
+    assert explicit.outcome_label == "threshold" and "outcome_label='threshold' decides" in message
+
+    [(key, message)] = check_verifier_scores(PRIMESettings(), inside, [0], names, verifier_named=False)
+    assert (
+        key == "default_verifier" and "None for 1 rows" in message and "verifier='math_reward,code_reward'" in message
+    )
+
+
 def test_fully_filtered_steps_warn_and_leave_policy_untouched(tiny_model_dir, tmp_path, caplog):
     calls = []
 

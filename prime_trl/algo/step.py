@@ -75,9 +75,75 @@ def label_rule(settings: PRIMESettings, scores: torch.Tensor) -> str:
     while every (non-NaN) score lies in ``[0, 1]`` and ``"group_mean"`` otherwise."""
     if settings.outcome_label != "auto":
         return settings.outcome_label
+    return "score" if _inside_unit_interval(scores) else "group_mean"
+
+
+def _inside_unit_interval(scores: torch.Tensor) -> bool:
+    """Every non-NaN score lies in ``[0, 1]`` (true when none is scored)."""
     scored = scores[~torch.isnan(scores)]
-    inside = scored.numel() == 0 or bool(((scored >= 0) & (scored <= 1)).all())
-    return "score" if inside else "group_mean"
+    return scored.numel() == 0 or bool(((scored >= 0) & (scored <= 1)).all())
+
+
+def check_verifier_scores(
+    settings: PRIMESettings,
+    rewards_per_func: torch.Tensor,
+    verifier_indices: Sequence[int],
+    reward_func_names: Sequence[str],
+    verifier_named: bool,
+) -> list[tuple[str, str]]:
+    """The checks of a training batch's scores that `PRIMETrainer` and `PRIMEModule` share, before `prime_step`.
+
+    When a verifier's scores leave ``[0, 1]`` and ``settings.outcome_label`` is ``"auto"``, it becomes
+    ``"group_mean"`` in ``settings`` (the caller's own copy) for the rest of the run: labels must not flip rule
+    from batch to batch, which `label_rule`'s per-batch choice alone would do.
+
+    Args:
+        settings: the run's settings; ``outcome_label`` may be changed as above.
+        rewards_per_func: ``[B, n_funcs]`` scores, NaN where a function gave None.
+        verifier_indices: the verifier columns.
+        reward_func_names: one name per column, for the messages.
+        verifier_named: the user set ``verifier`` (otherwise it defaults to the first function).
+
+    Returns:
+        ``(key, message)`` warnings; the caller gives each key once per run.
+    """
+    warnings = []
+    for index in verifier_indices:
+        column = rewards_per_func[:, index]
+        if _inside_unit_interval(column):
+            continue
+        if settings.outcome_label == "auto":
+            settings.outcome_label = "group_mean"
+            action = (
+                "outcome_label='auto' now labels a row correct when its score is above its group's mean, for the "
+                "rest of the run"
+            )
+        else:
+            action = f"outcome_label={settings.outcome_label!r} decides the PRM labels"
+        scored = column[~torch.isnan(column)]
+        warnings.append(
+            (
+                "score_range",
+                f"PRIME: verifier {reward_func_names[index]!r} returned scores in [{float(scored.min()):.4g}, "
+                f"{float(scored.max()):.4g}], outside [0, 1]; {action}. Set outcome_label ('score', 'threshold' with "
+                "outcome_label_threshold, 'group_mean') to choose how scores become PRM labels and drive the "
+                "accuracy filter.",
+            )
+        )
+    if not verifier_named and rewards_per_func.shape[1] > 1:
+        unscored = torch.isnan(rewards_per_func[:, 0])
+        scored_elsewhere = unscored & ~torch.isnan(rewards_per_func[:, 1:]).all(-1)
+        if scored_elsewhere.any():
+            warnings.append(
+                (
+                    "default_verifier",
+                    f"PRIME: the verifier defaults to the first reward function {reward_func_names[0]!r}, which "
+                    f"returned None for {int(scored_elsewhere.sum())} rows that other reward functions scored; those "
+                    "rows are left out of the PRM and the filter. With one reward function per task, name them all: "
+                    f"verifier={','.join(reward_func_names)!r}.",
+                )
+            )
+    return warnings
 
 
 def prime_step(

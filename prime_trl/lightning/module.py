@@ -73,7 +73,7 @@ from prime_trl.algo.prm import (
 )
 from prime_trl.algo.rollout import cut_at_first_eos, left_padded_prompts, pad_and_eos_token_ids, prompt_token_ids
 from prime_trl.algo.settings import PRIMESettings
-from prime_trl.algo.step import PRIMEState, PRIMEStep, verifier_scores_and_outcome
+from prime_trl.algo.step import PRIMEState, PRIMEStep, check_verifier_scores, verifier_scores_and_outcome
 from prime_trl.models import drop_gguf_marker, resolve_model
 
 # The reward-function guard and the dataset check are PRIMETrainer's, shared rather than copied.
@@ -232,8 +232,10 @@ class PRIMEModule(pl.LightningModule):
         self.model = self._build_policy(model, peft_config, model_init_kwargs or {})
         self.tokenizer = self._build_tokenizer(tokenizer)
         self.prm = self._build_prm(prm if prm is not None else config.prm_name_or_path)
-        self.settings = config  # a PRIMEModuleConfig is a PRIMESettings
+        # The run's own copy, as PRIMETrainer's: `check_verifier_scores` may settle outcome_label="auto" in it.
+        self.settings = PRIMESettings.from_config(config)
         self.prime_state = PRIMEState()  # carried between batches (process_reward_accuracy_gate)
+        self._warned: set[str] = set()  # one-time warnings already given
         self.generation_config = GenerationConfig(
             max_new_tokens=config.max_completion_length,
             do_sample=True,
@@ -459,6 +461,17 @@ class PRIMEModule(pl.LightningModule):
         Returns:
             `PRIMEStep` with ``advantages [B_local, T]`` and the step's metrics. Every process must call this together.
         """
+        if train:
+            for key, message in check_verifier_scores(
+                self.settings,
+                rewards_per_func,
+                self.verifier_indices,
+                self.reward_func_names,
+                verifier_named=self.config.verifier is not None,
+            ):
+                if key not in self._warned:
+                    self._warned.add(key)
+                    logger.warning(message)
         scores, outcome = verifier_scores_and_outcome(rewards_per_func, self.verifier_indices, self.reward_weights)
         return algo_step.prime_step(
             self.prm, batch, scores, outcome, self.settings, self.config.num_generations, train, self.prime_state
@@ -521,7 +534,7 @@ class PRIMEModule(pl.LightningModule):
 
     def _reward_metrics(self, rewards: torch.Tensor, rollout: Rollout) -> dict[str, float]:
         """Outcome rewards over the global batch, and completion lengths on this process."""
-        outcome = (rewards * self.reward_weights.to(rewards.device)).nansum(dim=1)
+        _, outcome = verifier_scores_and_outcome(rewards, self.verifier_indices, self.reward_weights)
         lengths = rollout.batch.completion_mask.sum(1).float()
         metrics = {"reward": outcome.mean().item(), "reward_std": outcome.std().item() if len(outcome) > 1 else 0.0}
         for index, name in enumerate(self.reward_func_names):

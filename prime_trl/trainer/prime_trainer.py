@@ -49,7 +49,14 @@ from prime_trl.algo.prm import (
     make_implicit_prm,
     save_adapter,
 )
-from prime_trl.algo.step import PRIMESettings, PRIMEState, PRIMEStep, prime_step, verifier_scores_and_outcome
+from prime_trl.algo.step import (
+    PRIMESettings,
+    PRIMEState,
+    PRIMEStep,
+    check_verifier_scores,
+    prime_step,
+    verifier_scores_and_outcome,
+)
 from prime_trl.apps.scoring import ScoredResponse, html_page
 from prime_trl.models import SPECIAL_MODELS, drop_gguf_marker, is_gguf_path, resolve_model
 from prime_trl.rewards.reward_funcs import (
@@ -539,45 +546,17 @@ class PRIMETrainer(GRPOTrainer):
             logger.warning(message, *args)
 
     def _check_verifier_scores(self, rewards_per_func: torch.Tensor) -> None:
-        """Warn (once) when a verifier's scores leave [0, 1], and when the default verifier leaves rows unscored
-        that other reward functions scored (TRL's multi-task pattern needs ``verifier`` to name them all)."""
-        settings = self.prime_settings
-        for index in self.verifier_indices:
-            column = rewards_per_func[:, index]
-            scored = column[~torch.isnan(column)]
-            if scored.numel() == 0 or bool(((scored >= 0) & (scored <= 1)).all()):
-                continue
-            if settings.outcome_label == "auto":
-                settings.outcome_label = "group_mean"  # sticky: labels must not flip rule from batch to batch
-                action = (
-                    "outcome_label='auto' now labels a row correct when its score is above its group's mean, for the "
-                    "rest of the run"
-                )
-            else:
-                action = f"outcome_label={settings.outcome_label!r} decides the PRM labels"
-            self._warn_once(
-                "score_range",
-                "PRIME: verifier %r returned scores in [%.4g, %.4g], outside [0, 1]; %s. Set outcome_label "
-                "('score', 'threshold' with outcome_label_threshold, 'group_mean') to choose how scores become PRM "
-                "labels and drive the accuracy filter.",
-                self.reward_func_names[index],
-                float(scored.min()),
-                float(scored.max()),
-                action,
-            )
-        if self.args.verifier is None and rewards_per_func.shape[1] > 1:
-            unscored = torch.isnan(rewards_per_func[:, 0])
-            scored_elsewhere = unscored & ~torch.isnan(rewards_per_func[:, 1:]).all(-1)
-            if scored_elsewhere.any():
-                self._warn_once(
-                    "default_verifier",
-                    "PRIME: the verifier defaults to the first reward function %r, which returned None for %d rows "
-                    "that other reward functions scored; those rows are left out of the PRM and the filter. With one "
-                    "reward function per task, name them all: verifier=%r.",
-                    self.reward_func_names[0],
-                    int(scored_elsewhere.sum()),
-                    ",".join(self.reward_func_names),
-                )
+        """Warn (once) when a verifier's scores leave [0, 1] (``outcome_label="auto"`` then stays ``group_mean``),
+        and when the default verifier leaves rows unscored that other reward functions scored (TRL's multi-task
+        pattern needs ``verifier`` to name them all): `check_verifier_scores`, shared with `PRIMEModule`."""
+        for key, message in check_verifier_scores(
+            self.prime_settings,
+            rewards_per_func,
+            self.verifier_indices,
+            self.reward_func_names,
+            verifier_named=self.args.verifier is not None,
+        ):
+            self._warn_once(key, message)
 
     def _count_filtered(self, pass_rate: float) -> None:
         """A generation batch the accuracy filter emptied trains nothing: warn, rate-limited (1st, 2nd, 4th, ...)."""

@@ -1,14 +1,17 @@
 """Shared by the torchrun test scripts (CPU, gloo): the trainer arguments that select a multi-process engine, a
 small PRIME trainer on a coin-flip reward, and the adapters' full values on every rank."""
 
-import zlib
+import sys
+from pathlib import Path
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig
 
-from prime_trl import PRIMEConfig, PRIMETrainer
+from prime_trl import PRIMETrainer
 from prime_trl.algo.distributed import full_parameters, full_tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the set-up the test modules share
+from helpers import prime_trainer  # noqa: E402
 
 
 def engine_args(engine: str) -> dict:
@@ -30,16 +33,11 @@ def engine_args(engine: str) -> dict:
     raise ValueError(f"unknown engine {engine!r}")
 
 
-def coin_reward(completions, **kwargs):
-    return [float(zlib.crc32(c.encode()) % 2) for c in completions]
-
-
 def make_trainer(model_dir: str, out_dir: str, engine: str, **overrides) -> PRIMETrainer:
     """PRIME on 24 prompts; global batch 12 = 3 groups of 4, so the middle group straddles the two ranks. With
     sharded parameters (FSDP2, ZeRO-3) the accuracy filter is on: the ranks keep different numbers of rows and
     must still run their PRM passes in lockstep."""
     settings = dict(
-        output_dir=out_dir,
         per_device_train_batch_size=6,
         num_generations=4,
         max_completion_length=10,
@@ -47,22 +45,13 @@ def make_trainer(model_dir: str, out_dir: str, engine: str, **overrides) -> PRIM
         learning_rate=0.05,
         prm_learning_rate=0.05,
         accuracy_filter=engine in ("fsdp2", "zero3"),
-        use_cpu=True,
-        bf16=False,
         gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
         logging_steps=1,
         seed=3,
         **engine_args(engine),
     )
-    return PRIMETrainer(
-        model_dir,
-        args=PRIMEConfig(**{**settings, **overrides}),
-        reward_funcs=coin_reward,
-        train_dataset=Dataset.from_list([{"prompt": f"Q{i}="} for i in range(24)]),
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
-    )
+    dataset = Dataset.from_list([{"prompt": f"Q{i}="} for i in range(24)])
+    return prime_trainer(model_dir, out_dir, dataset, **{**settings, **overrides})
 
 
 def adapters(trainer: PRIMETrainer) -> dict[str, torch.Tensor]:
