@@ -607,7 +607,8 @@ class PRIMEModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the adapters, not the frozen base (Lightning adds both optimizers and schedulers itself), and store
-        every process's random stream. Lightning calls this on every process, so the gather below is safe."""
+        every process's random stream and what PRIME carries between batches (the settled ``outcome_label``, the
+        running PRM accuracy, the warnings given). Lightning calls this on every process, so the gather is safe."""
         keys = self._adapter_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         rng = (
@@ -618,7 +619,16 @@ class PRIMEModule(pl.LightningModule):
             if self._rng_state
             else {}
         )
-        checkpoint["prime"] = {"adapters": [POLICY_ADAPTER, self.config.prm_adapter_name], "rng_states": rng}
+        checkpoint["prime"] = {
+            "adapters": [POLICY_ADAPTER, self.config.prm_adapter_name],
+            "rng_states": rng,
+            # What the run settled or carries between batches, so that a resumed run goes on as an uninterrupted
+            # one: outcome_label "auto" once settled on "group_mean" (check_verifier_scores) stays settled, and the
+            # process_reward_accuracy_gate's running PRM accuracy continues.
+            "outcome_label": self.settings.outcome_label,
+            "prm_accuracy_ema": self.prime_state.prm_accuracy_ema,
+            "warned": sorted(self._warned),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(self._adapter_keys() - checkpoint["state_dict"].keys())
@@ -627,7 +637,13 @@ class PRIMEModule(pl.LightningModule):
                 f"The checkpoint lacks {len(missing)} adapter weights (e.g. {missing[0]}); it was not written by a "
                 "PRIMEModule with the same LoRA settings and prm_adapter_name."
             )
-        rng = checkpoint.get("prime", {}).get("rng_states")
+        prime = checkpoint.get("prime", {})
+        if self.config.outcome_label == "auto" and prime.get("outcome_label") == "group_mean":
+            self.settings.outcome_label = "group_mean"  # settled before the checkpoint; an explicit rule still wins
+        if prime.get("prm_accuracy_ema") is not None:
+            self.prime_state.prm_accuracy_ema = float(prime["prm_accuracy_ema"])
+        self._warned.update(prime.get("warned", ()))
+        rng = prime.get("rng_states")
         if rng:
             saved_world = rng["cpu"].shape[0]
             if saved_world != self.trainer.world_size:
