@@ -73,7 +73,14 @@ from prime_trl.algo.prm import (
 )
 from prime_trl.algo.rollout import cut_at_first_eos, left_padded_prompts, pad_and_eos_token_ids, prompt_token_ids
 from prime_trl.algo.settings import PRIMESettings
-from prime_trl.algo.step import PRIMEState, PRIMEStep, check_verifier_scores, verifier_scores_and_outcome
+from prime_trl.algo.step import (
+    PRIMEState,
+    PRIMEStep,
+    carried_state,
+    check_verifier_scores,
+    restore_carried_state,
+    verifier_scores_and_outcome,
+)
 from prime_trl.models import drop_gguf_marker, resolve_model
 
 # The reward-function guard and the dataset check are PRIMETrainer's, shared rather than copied.
@@ -622,12 +629,7 @@ class PRIMEModule(pl.LightningModule):
         checkpoint["prime"] = {
             "adapters": [POLICY_ADAPTER, self.config.prm_adapter_name],
             "rng_states": rng,
-            # What the run settled or carries between batches, so that a resumed run goes on as an uninterrupted
-            # one: outcome_label "auto" once settled on "group_mean" (check_verifier_scores) stays settled, and the
-            # process_reward_accuracy_gate's running PRM accuracy continues.
-            "outcome_label": self.settings.outcome_label,
-            "prm_accuracy_ema": self.prime_state.prm_accuracy_ema,
-            "warned": sorted(self._warned),
+            **carried_state(self.settings, self.prime_state, self._warned),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -638,11 +640,7 @@ class PRIMEModule(pl.LightningModule):
                 "PRIMEModule with the same LoRA settings and prm_adapter_name."
             )
         prime = checkpoint.get("prime", {})
-        if self.config.outcome_label == "auto" and prime.get("outcome_label") == "group_mean":
-            self.settings.outcome_label = "group_mean"  # settled before the checkpoint; an explicit rule still wins
-        if prime.get("prm_accuracy_ema") is not None:
-            self.prime_state.prm_accuracy_ema = float(prime["prm_accuracy_ema"])
-        self._warned.update(prime.get("warned", ()))
+        restore_carried_state(prime, self.config.outcome_label, self.settings, self.prime_state, self._warned)
         rng = prime.get("rng_states")
         if rng:
             saved_world = rng["cpu"].shape[0]
