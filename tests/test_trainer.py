@@ -149,6 +149,24 @@ def test_prm_pretrain_batches_update_the_prm_before_the_policy(tiny_model_dir, t
     assert tokens[0] <= 8 * (longest_prompt + 12)  # at most one batch's prompt + completion tokens, not three
 
 
+def test_prm_pretrain_batches_settle_outcome_label_auto_as_training_does(tiny_model_dir, tmp_path):
+    """A warm-up batch whose scores leave [0, 1] settles outcome_label='auto' on group_mean for the rest of the run
+    (with its warning), as a training batch does: the later batches, inside [0, 1], keep it."""
+    calls = []
+
+    def first_call_wide(completions, **kwargs):
+        calls.append(len(completions))
+        scores = helpers.coin_reward(completions)
+        return [4.0 * score - 1.0 for score in scores] if len(calls) == 1 else scores  # warm-up: -1 or 3
+
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, reward=first_call_wide, accuracy_filter=False, max_steps=1, prm_pretrain_batches=1
+    )
+    trainer.train()
+    assert len(calls) == 2  # one warm-up batch, one training batch
+    assert trainer.prime_settings.outcome_label == "group_mean" and "score_range" in trainer._warned
+
+
 def test_full_finetune_policy_puts_prm_on_one_frozen_copy(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, peft=False, accuracy_filter=False, max_steps=2)
     host = trainer.prm.model

@@ -380,6 +380,7 @@ class PRIMETrainer(GRPOTrainer):
                 output["completion_mask"],
                 tool_mask=output.get("tool_mask"),
             )
+            self._check_verifier_scores(self._rewards_per_func)  # the warm-up's labels follow the run's rule too
             scores, outcome = verifier_scores_and_outcome(
                 self._rewards_per_func, self.verifier_indices, self.reward_weights
             )
