@@ -29,3 +29,8 @@ def __getattr__(name: str):
 
         return getattr(trainer, name)
     raise AttributeError(f"module 'prime_trl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazily imported names too, as if they were imported already (``dir()``, tab completion)."""
+    return sorted(set(globals()) | set(__all__))

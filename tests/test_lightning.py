@@ -316,6 +316,29 @@ def test_checkpoint_holds_adapters_optimizers_and_random_streams(tiny_model_dir,
         make_trainer(3).fit(make_module(tiny_model_dir), datamodule=make_data(), ckpt_path=_save(checkpoint, tmp_path))
 
 
+def test_checkpoint_keeps_the_settled_outcome_label_and_prm_accuracy(tiny_model_dir, tmp_path):
+    """A run that settled outcome_label='auto' on group_mean (a score outside [0, 1]) resumes settled, with its running
+    PRM accuracy (process_reward_accuracy_gate) and without repeating the warning; an explicit rule still wins."""
+    module = make_module(tiny_model_dir, process_reward_accuracy_gate=0.7)
+    module.configure_optimizers()
+    outside = torch.tensor([[-1.0], [2.5], [0.5], [3.0], [1.0], [-2.0], [0.0], [4.0], [0.2], [0.9], [-0.5], [1.5]])
+    module.prime_step(random_batch(seed=0), outside)
+    assert module.settings.outcome_label == "group_mean" and module.prime_state.prm_accuracy_ema is not None
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    path = _save(checkpoint, tmp_path)
+
+    resumed = make_module(tiny_model_dir, process_reward_accuracy_gate=0.7)
+    resumed.on_load_checkpoint(torch.load(path, weights_only=True))
+    assert resumed.settings.outcome_label == "group_mean" and resumed.config.outcome_label == "auto"
+    assert resumed.prime_state.prm_accuracy_ema == module.prime_state.prm_accuracy_ema
+    assert resumed._warned == {"score_range"}
+
+    explicit = make_module(tiny_model_dir, outcome_label="threshold")
+    explicit.on_load_checkpoint(torch.load(path, weights_only=True))
+    assert explicit.settings.outcome_label == "threshold"
+
+
 def _save(checkpoint, tmp_path):
     path = tmp_path / "partial.ckpt"
     torch.save(checkpoint, path)

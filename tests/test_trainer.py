@@ -149,6 +149,24 @@ def test_prm_pretrain_batches_update_the_prm_before_the_policy(tiny_model_dir, t
     assert tokens[0] <= 8 * (longest_prompt + 12)  # at most one batch's prompt + completion tokens, not three
 
 
+def test_prm_pretrain_batches_settle_outcome_label_auto_as_training_does(tiny_model_dir, tmp_path):
+    """A warm-up batch whose scores leave [0, 1] settles outcome_label='auto' on group_mean for the rest of the run
+    (with its warning), as a training batch does: the later batches, inside [0, 1], keep it."""
+    calls = []
+
+    def first_call_wide(completions, **kwargs):
+        calls.append(len(completions))
+        scores = helpers.coin_reward(completions)
+        return [4.0 * score - 1.0 for score in scores] if len(calls) == 1 else scores  # warm-up: -1 or 3
+
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, reward=first_call_wide, accuracy_filter=False, max_steps=1, prm_pretrain_batches=1
+    )
+    trainer.train()
+    assert len(calls) == 2  # one warm-up batch, one training batch
+    assert trainer.prime_settings.outcome_label == "group_mean" and "score_range" in trainer._warned
+
+
 def test_full_finetune_policy_puts_prm_on_one_frozen_copy(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, peft=False, accuracy_filter=False, max_steps=2)
     host = trainer.prm.model
@@ -256,6 +274,36 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
     assert any(".prm." in n for n in adapters)
     for name in adapters:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_resume_keeps_the_settled_outcome_label_and_prm_accuracy(tiny_model_dir, tmp_path):
+    """A run whose verifier left [0, 1] (outcome_label='auto' settled on group_mean), with a running PRM accuracy
+    (process_reward_accuracy_gate), resumes with both, as the uninterrupted run goes on; an explicit rule wins."""
+
+    def wide_reward(completions, **kwargs):
+        return [4.0 * score - 1.0 for score in helpers.coin_reward(completions)]  # -1 or 3
+
+    common = dict(accuracy_filter=False, max_steps=1, save_strategy="steps", save_steps=1)
+    common.update(process_reward_accuracy_gate=0.7)
+    first = make_trainer(tiny_model_dir, tmp_path, reward=wide_reward, **common)
+    first.train()
+    assert first.prime_settings.outcome_label == "group_mean" and first.prime_state.prm_accuracy_ema is not None
+    checkpoint = str(Path(first.args.output_dir) / "checkpoint-1")
+
+    def resume(**overrides):
+        """A new trainer restored from the checkpoint as `train(resume_from_checkpoint=...)` does, before any step
+        (a step on out-of-range scores would settle the rule again and hide a lost one)."""
+        trainer = make_trainer(tiny_model_dir, tmp_path, reward=wide_reward, **{**common, **overrides})
+        assert trainer.prime_settings.outcome_label == trainer.args.outcome_label
+        trainer.create_optimizer_and_scheduler(num_training_steps=1)
+        trainer._load_optimizer_and_scheduler(checkpoint)
+        return trainer
+
+    resumed = resume()
+    assert resumed.prime_settings.outcome_label == "group_mean" and resumed.args.outcome_label == "auto"
+    assert resumed.prime_state.prm_accuracy_ema == first.prime_state.prm_accuracy_ema
+    assert "score_range" in resumed._warned
+    assert resume(outcome_label="threshold").prime_settings.outcome_label == "threshold"
 
 
 # ----- bad input fails early, with the field and the fix in the message -------------------------------------

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 POLICY_ADAPTER = "default"
 PRM_DIR_NAME = "prm"
 PRM_STATE_NAME = "prm_optimizer.pt"
+PRIME_STATE_NAME = "prime_state.json"  # TRL checkpoints: `prime_trl.algo.step.carried_state`
 
 # LoRA initialisations that rewrite the base weights; the reference (the base) would no longer be the SFT model.
 _BASE_MODIFYING_INITS = ("pissa", "olora", "loftq", "corda", "eva", "orthogonal")

@@ -41,6 +41,30 @@ class PRIMEState:
         return self.prm_accuracy_ema
 
 
+def carried_state(settings: PRIMESettings, state: PRIMEState, warned: set[str]) -> dict:
+    """What a training run carries from batch to batch besides weights, optimizers and random streams, as plain
+    values for its checkpoints: the ``outcome_label`` in force (``"auto"`` may have settled on ``"group_mean"``, see
+    `check_verifier_scores`), the running PRM accuracy of `PRIMEState` and the one-time warnings already given."""
+    return {
+        "outcome_label": settings.outcome_label,
+        "prm_accuracy_ema": state.prm_accuracy_ema,
+        "warned": sorted(warned),
+    }
+
+
+def restore_carried_state(
+    saved: dict, configured_label: str, settings: PRIMESettings, state: PRIMEState, warned: set[str]
+) -> None:
+    """Put a `carried_state` back on resume, so that the run goes on as an uninterrupted one. A settled ``"auto"``
+    stays settled only if the resumed run is configured with ``"auto"`` (``configured_label``): an explicit rule
+    wins. Keys missing from older checkpoints leave the fresh values."""
+    if configured_label == "auto" and saved.get("outcome_label") == "group_mean":
+        settings.outcome_label = "group_mean"
+    if saved.get("prm_accuracy_ema") is not None:
+        state.prm_accuracy_ema = float(saved["prm_accuracy_ema"])
+    warned.update(saved.get("warned", ()))
+
+
 @dataclass
 class PRIMEStep:
     """What one PRIME step gives the policy update: per-token advantages, which rows train, and the step's metrics."""

@@ -73,7 +73,14 @@ from prime_trl.algo.prm import (
 )
 from prime_trl.algo.rollout import cut_at_first_eos, left_padded_prompts, pad_and_eos_token_ids, prompt_token_ids
 from prime_trl.algo.settings import PRIMESettings
-from prime_trl.algo.step import PRIMEState, PRIMEStep, check_verifier_scores, verifier_scores_and_outcome
+from prime_trl.algo.step import (
+    PRIMEState,
+    PRIMEStep,
+    carried_state,
+    check_verifier_scores,
+    restore_carried_state,
+    verifier_scores_and_outcome,
+)
 from prime_trl.models import drop_gguf_marker, resolve_model
 
 # The reward-function guard and the dataset check are PRIMETrainer's, shared rather than copied.
@@ -607,7 +614,8 @@ class PRIMEModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the adapters, not the frozen base (Lightning adds both optimizers and schedulers itself), and store
-        every process's random stream. Lightning calls this on every process, so the gather below is safe."""
+        every process's random stream and what PRIME carries between batches (the settled ``outcome_label``, the
+        running PRM accuracy, the warnings given). Lightning calls this on every process, so the gather is safe."""
         keys = self._adapter_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         rng = (
@@ -618,7 +626,11 @@ class PRIMEModule(pl.LightningModule):
             if self._rng_state
             else {}
         )
-        checkpoint["prime"] = {"adapters": [POLICY_ADAPTER, self.config.prm_adapter_name], "rng_states": rng}
+        checkpoint["prime"] = {
+            "adapters": [POLICY_ADAPTER, self.config.prm_adapter_name],
+            "rng_states": rng,
+            **carried_state(self.settings, self.prime_state, self._warned),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(self._adapter_keys() - checkpoint["state_dict"].keys())
@@ -627,7 +639,9 @@ class PRIMEModule(pl.LightningModule):
                 f"The checkpoint lacks {len(missing)} adapter weights (e.g. {missing[0]}); it was not written by a "
                 "PRIMEModule with the same LoRA settings and prm_adapter_name."
             )
-        rng = checkpoint.get("prime", {}).get("rng_states")
+        prime = checkpoint.get("prime", {})
+        restore_carried_state(prime, self.config.outcome_label, self.settings, self.prime_state, self._warned)
+        rng = prime.get("rng_states")
         if rng:
             saved_world = rng["cpu"].shape[0]
             if saved_world != self.trainer.world_size:

@@ -21,3 +21,8 @@ def __getattr__(name: str):
 
         return PRIMETrainer
     raise AttributeError(f"module 'prime_trl.trainer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazily imported names too, as if they were imported already (``dir()``, tab completion)."""
+    return sorted(set(globals()) | set(__all__))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ import prime_trl.algo.distributed as distributed
 import prime_trl.algo.prefix as prefix
 from prime_trl.algo.prm import (
     POLICY_ADAPTER,
+    PRIME_STATE_NAME,
     PRM_DIR_NAME,
     PRM_STATE_NAME,
     CompletionBatch,
@@ -53,8 +55,10 @@ from prime_trl.algo.step import (
     PRIMESettings,
     PRIMEState,
     PRIMEStep,
+    carried_state,
     check_verifier_scores,
     prime_step,
+    restore_carried_state,
     verifier_scores_and_outcome,
 )
 from prime_trl.apps.scoring import ScoredResponse, html_page
@@ -71,7 +75,12 @@ from prime_trl.trainer.vllm_sync import LoRAAdapterSync, engine_with_lora, guard
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PRM_DIR_NAME", "PRM_STATE_NAME", "PRIMETrainer"]  # the checkpoint names live in prime_trl.algo.prm
+__all__ = [
+    "PRIME_STATE_NAME",
+    "PRM_DIR_NAME",
+    "PRM_STATE_NAME",
+    "PRIMETrainer",
+]  # the checkpoint names live in prime_trl.algo.prm
 
 KEPT_ROWS_KEY = "prime_kept"  # [B] bool in TRL's batch dict: rows that train (see _compute_loss)
 ROW_MEAN_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")  # TRL loss types that divide by the micro-batch's row count
@@ -371,6 +380,7 @@ class PRIMETrainer(GRPOTrainer):
                 output["completion_mask"],
                 tool_mask=output.get("tool_mask"),
             )
+            self._check_verifier_scores(self._rewards_per_func)  # the warm-up's labels follow the run's rule too
             scores, outcome = verifier_scores_and_outcome(
                 self._rewards_per_func, self.verifier_indices, self.reward_weights
             )
@@ -652,11 +662,14 @@ class PRIMETrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
-        if self.args.should_save and self.prm.optimizer is not None:
-            checkpoint_dir = (
-                Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
+        if not self.args.should_save:
+            return
+        checkpoint_dir = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.prm.optimizer is not None:
             torch.save(self.prm.state_dict(), checkpoint_dir / PRM_STATE_NAME)
+        # The settled outcome_label, the running PRM accuracy, the warnings given: a resumed run goes on as one.
+        carried = carried_state(self.prime_settings, self.prime_state, self._warned)
+        (checkpoint_dir / PRIME_STATE_NAME).write_text(json.dumps(carried, indent=2))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -666,6 +679,10 @@ class PRIMETrainer(GRPOTrainer):
         if not (prm_dir / "adapter_config.json").is_file():
             raise FileNotFoundError(f"Checkpoint {checkpoint} has no PRM adapter in {prm_dir}; cannot resume PRIME.")
         load_adapter_weights(self.prm.model, self.prm.adapter_name, prm_dir)
+        carried_path = Path(checkpoint) / PRIME_STATE_NAME
+        if carried_path.is_file():
+            carried = json.loads(carried_path.read_text())
+            restore_carried_state(carried, self.args.outcome_label, self.prime_settings, self.prime_state, self._warned)
         state_path = Path(checkpoint) / PRM_STATE_NAME
         if state_path.is_file():
             self.prm.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
@@ -697,7 +714,8 @@ class PRIMETrainer(GRPOTrainer):
         if self.prm.optimizer is None:
             return
         adapter = {id(p): p.detach().to("cpu", copy=True) for p in self.prm.parameters()}
-        self._prm_snapshot = (self.state.global_step, adapter, _to_cpu(self.prm.state_dict()))
+        ema = self.prime_state.prm_accuracy_ema  # the PRIME step moves it too
+        self._prm_snapshot = (self.state.global_step, adapter, _to_cpu(self.prm.state_dict()), ema)
 
     def _save_rescue_checkpoint(self) -> None:
         """Write ``checkpoint-<global_step>``, the state after the last completed step, unless it already exists.
@@ -720,6 +738,7 @@ class PRIMETrainer(GRPOTrainer):
                 for param in self.prm.parameters():
                     param.copy_(snapshot[1][id(param)])
             self.prm.load_state_dict(snapshot[2])
+            self.prime_state.prm_accuracy_ema = snapshot[3]
         if self._rng_at_step_end is not None:  # the saved RNG state is that of the step's end, as a regular save's
             _set_rng_state(self._rng_at_step_end)
         logger.error(
