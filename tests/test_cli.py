@@ -424,11 +424,22 @@ def test_train_routes_dataset_aliases_like_eval(tmp_path):
         (["--data", "math500", "--num_samples", "4", "--temperature", "0"], "temperature=0.0 with --num_samples 4"),
         (["--data", "math500", "--split", "train"], "math500 has only the split(s) ['test']"),
         (["--data", "prime-demo", "--split", "dev"], "prime-demo has the splits"),
+        (["--data", "prime-demo", "--reward", "final_anwser"], "reward='final_anwser' is not a reward function"),
+        (["--data", "prime-demo", "--reward", "no_such_module.grade"], "cannot import reward function"),
     ],
 )
 def test_eval_rejects_bad_arguments_before_loading_a_model(extra, expected, capsys):
     code, err = run_main(["eval", "--model", "no/such-model", *extra], capsys)
     assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_eval_math_grader_on_code_rows_is_a_usage_error(tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "Q1", "task": "math", "answer": "1"}, {"prompt": "Q2", "task": "code", "tests": "assert True"}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code, err = run_main(["eval", "--model", "no/such-model", "--data", str(data), "--reward", "final_answer"], capsys)
+    assert code == 2 and "--reward final_answer grades math rows" in err and "['code']" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
