@@ -426,7 +426,7 @@ def test_train_routes_dataset_aliases_like_eval(tmp_path):
         (["--data", "math500", "--num_samples", "4", "--temperature", "0"], "temperature=0.0 with --num_samples 4"),
         (["--data", "math500", "--split", "train"], "math500 has only the split(s) ['test']"),
         (["--data", "prime-demo", "--split", "dev"], "prime-demo has the splits"),
-        (["--data", "prime-demo", "--reward", "final_anwser"], "reward='final_anwser' is not a reward function"),
+        (["--data", "prime-demo", "--reward", "final_anwser"], "unknown reward function 'final_anwser'"),
         (["--data", "prime-demo", "--reward", "no_such_module.grade"], "cannot import reward function"),
     ],
 )

@@ -52,7 +52,7 @@ from prime_trl.algo.rollout import (
     render_prompt,
 )
 from prime_trl.rewards import extract_boxed, extract_final_answer
-from prime_trl.rewards.registry import REWARD_FUNCS, load_reward_func
+from prime_trl.rewards.registry import check_reward_name, load_reward_func
 
 logger = logging.getLogger(__name__)
 
@@ -194,11 +194,7 @@ class EvalArguments:
             )
         if self.num_samples and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1.0 keeps the whole distribution).")
-        if self.reward not in REWARD_FUNCS and "." not in self.reward:
-            raise ValueError(
-                f"reward={self.reward!r} is not a reward function: use one of {sorted(REWARD_FUNCS)} or a dotted "
-                "import path (module.function)."
-            )
+        check_reward_name(self.reward)  # a typo fails at parse time; the function is imported by `evaluate`
 
     def ks(self) -> list[int]:
         """The k values reported: ``k`` if given, else powers of two below ``num_samples`` and ``num_samples``."""

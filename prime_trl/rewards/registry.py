@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
-__all__ = ["REWARD_FUNCS", "load_reward_func"]
+__all__ = ["REWARD_FUNCS", "check_reward_name", "load_reward_func"]
 
 # name -> "module:attribute"
 REWARD_FUNCS = {
@@ -24,23 +24,28 @@ REWARD_FUNCS = {
 }
 
 
+def check_reward_name(name: str) -> None:
+    """Raise a one-line ``ValueError`` unless ``name`` is a `REWARD_FUNCS` key or a dotted path (not imported)."""
+    if name not in REWARD_FUNCS and "." not in name:
+        raise ValueError(
+            f"unknown reward function {name!r}: use one of {sorted(REWARD_FUNCS)} or a dotted import path "
+            "(module.function)."
+        )
+
+
 def load_reward_func(name: str) -> Callable:
     """The reward function called ``name`` (a `REWARD_FUNCS` key or ``module.function``).
 
     Raises:
         ValueError: an unknown name, or a dotted path that does not import (one line, naming it).
     """
+    check_reward_name(name)
     if name in REWARD_FUNCS:
         module_name, attribute = REWARD_FUNCS[name].split(":")
-    elif "." in name:
+    else:
         module_name, attribute = name.rsplit(".", 1)
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())  # as `trl grpo`: local modules of the working directory
-    else:
-        raise ValueError(
-            f"unknown reward function {name!r}: use one of {sorted(REWARD_FUNCS)} or a dotted import path "
-            "(module.function)."
-        )
     try:
         return getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
