@@ -9,7 +9,7 @@ SmolLM2's chat template adds its own default system line), graded by
 `final_answer_reward` (the boxed answer, else the last number). Measured before choosing it (sampled at T=1,
 40 tokens, 24 prompts x 4 samples): 24% right by the last number; boxed-only grading (`math_reward`) gives 0-3% at
 T=1, 0.7 and 0.4, because this model rarely boxes its answers, so that task would leave RL nothing to learn from.
-The 81 pairs are split by a fixed hash into train (54) and held-out test (27) problems.
+The 81 pairs are split by a fixed hash into train (55) and held-out test (26) problems.
 
 Both methods run the recipe's settings from the YAML (one place); RLOO is the same run with the PRM switched off
 (``process_reward_coef: 0``, ``prm_update: none``). Every ``--eval_every`` steps the policy samples
@@ -38,12 +38,12 @@ RESULT = REPO / "benchmarks" / "results" / "smollm2_learning.json"
 
 logger = logging.getLogger("smollm2_learning")
 
-# All 27 held-out prompts in one generate call: on CPU a few large batches beat many small ones.
+# All 26 held-out prompts in one generate call: on CPU a few large batches beat many small ones.
 EVAL_PROMPTS_PER_BATCH = 32
 
 
 def addition_rows() -> dict[str, list[dict]]:
-    """All 81 one-digit sums, split by a fixed hash: a third held out for testing."""
+    """All 81 one-digit sums, split by a fixed hash (crc32 mod 3): 26 held out for testing, 55 for training."""
     splits: dict[str, list[dict]] = {"train": [], "test": []}
     for a in range(1, 10):
         for b in range(1, 10):
@@ -185,7 +185,7 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["prime", "rloo"], choices=["prime", "rloo"])
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's max_steps)")
     parser.add_argument("--eval_every", type=int, default=10)
-    parser.add_argument("--eval_prompts", type=int, default=27, help="held-out prompts (at most 27)")
+    parser.add_argument("--eval_prompts", type=int, default=26, help="held-out prompts (at most 26)")
     parser.add_argument("--eval_samples", type=int, default=3)
     parser.add_argument("--work_dir", default="/tmp/prime-trl-smollm2-learning")
     parser.add_argument("--write_data", action="store_true", help="only write the data files and exit")
