@@ -825,7 +825,27 @@ def section_real_model_learning(name: str, report: dict[str, Any]) -> list[str]:
 
 
 # What the SmolLM2 run did not do, and why (keyed by result name): what the numbers alone do not say.
-REAL_MODEL_NOTES: dict[str, str] = {}
+REAL_MODEL_NOTES: dict[str, str] = {
+    "smollm2_learning": """
+**What the numbers say.** With the same seed both methods start from the same policy, the same step-0 held-out
+samples and the same prompt order, so their curves differ only by PRIME's process reward and PRM. Both gain
+29-33 points in 12 steps (23.1% / 30.8% at step 0 -> 51.9-63.5%), more than 2 s.e. of the held-out noise, and
+PRIME ties RLOO: seed 1 ends on the same 63.5% for both, seed 0 one held-out sample apart. The training rewards of
+the two methods are identical for the first 5 (seed 0) and 6 (seed 1) steps: the PRM starts equal to the
+reference, so the process reward starts at exactly 0 and the first updates are (nearly) RLOO's. For half of
+each run the two methods are therefore close to the same run, and this benchmark cannot show a
+PRIME effect that needs a trained PRM. What the policy changed to gain (answer format, length or arithmetic) was
+not examined. A PRIME step cost a median 77 s against RLOO's 40 s here (the PRM forward and update on top of the
+policy's passes), medians on a machine whose load varied during the runs.
+
+**Not done, and why.** The settings (LoRA r=16, lr 1e-4 for policy and PRM, beta 0.05, 4 prompts x 4
+completions of <= 32 tokens) were not chosen on a validation split: the 26 held-out sums are the test set and
+no tuning run fit the CPU budget. Each run is 12 steps (48 prompts, less than one pass over the 55 training
+sums), not the recipe's 20, with 2 seeds and 26 prompts x 2 samples per point: the 4 runs had to fit about an
+hour of one thread on a 2-core machine shared with 3-4 other jobs. Longer runs, in which the PRM has time to
+become informative (the demo task's PRM needed 20-40 steps), were not run.
+""",
+}
 
 
 # Why each regime came out as it did (issue 16): what the numbers alone do not say. Keyed by regime name.
