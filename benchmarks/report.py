@@ -713,19 +713,55 @@ def section_prefix(name: str, report: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error over seeds (s.e. nan for one seed)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, math.nan
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(variance / len(values))
+
+
+def _real_model_se(values: list[float], samples: int) -> float:
+    """The larger of the seeds' s.e. and the held-out sampling s.e. of their mean (binomial, ``samples`` per
+    seed): with 2 seeds the seed spread alone can be near zero by chance."""
+    mean, seed_se = _mean_se(values)
+    sampling_se = math.sqrt(max(mean * (1 - mean), 1e-12) / (samples * len(values))) if samples else math.nan
+    return max(seed_se, sampling_se) if not math.isnan(seed_se) else sampling_se
+
+
+def _points(diff: float, se: float) -> str:
+    """A difference of two accuracies in points with its s.e., and whether it is inside 2 s.e."""
+    text = f"{100 * diff:+.1f} +- {100 * se:.1f} points"
+    if math.isnan(se) or abs(diff) < 2 * se:
+        return text + " (within 2 s.e.)"
+    return text + f" ({abs(diff) / se:.1f} s.e.)"
+
+
 def section_real_model_learning(name: str, report: dict[str, Any]) -> list[str]:
     """benchmarks/smollm2_learning.py: held-out sampled accuracy by step, PRIME vs outcome-only RLOO."""
     runs = report.get("runs", {})
     evaluation = report.get("eval", {})
+    recipe = report.get("recipe", {})
     lines = ["### SmolLM2-135M-Instruct on CPU: PRIME vs outcome-only RLOO (configs/smollm2-135m-cpu.yaml)", ""]
     lines += _provenance(name, report)
+    per_step = ""
+    if recipe:
+        prompts = recipe["per_device_train_batch_size"] // recipe["num_generations"]
+        per_step = (
+            f" ({prompts} prompts x {recipe['num_generations']} completions of <= "
+            f"{recipe['max_completion_length']} tokens per step, lr {recipe['learning_rate']:g})"
+        )
+    samples = (evaluation.get("prompts") or 0) * (evaluation.get("samples") or 0)
     lines += [
-        f"- {report.get('steps')} steps per run; held-out sampled accuracy (T as in the recipe) on "
-        f"{evaluation.get('prompts')} test prompts x {evaluation.get('samples')} samples, graded by final_answer",
+        f"- {report.get('steps')} steps per run{per_step}; held-out sampled accuracy (T as in the recipe) on "
+        f"{evaluation.get('prompts')} test prompts x {evaluation.get('samples')} samples ({samples} per point), "
+        "graded by final_answer",
         "",
     ]
     steps = sorted({int(point[0]) for seeds in runs.values() for run in seeds.values() for point in run["curve"]})
-    header = ["method", "seeds"] + [f"step {step}" for step in steps] + ["s/step (median)"]
+    header = ["method", "seeds"] + [f"step {step}: mean (per seed)" for step in steps]
+    header += ["s/step (median [min, max])", "s/eval (median)"]
     rows = []
     for method, seeds in runs.items():
         cells = [method, ", ".join(seeds)]
@@ -734,21 +770,82 @@ def section_real_model_learning(name: str, report: dict[str, Any]) -> list[str]:
             per_seed = " / ".join(_pct(v) for v in values)
             cells.append(f"{_pct(sum(values) / len(values))} ({per_seed})" if values else "")
         times = sorted(t for run in seeds.values() for t in run["seconds_per_step"])
-        cells.append(_num(times[len(times) // 2], 1) if times else "")
+        cells.append(f"{_num(times[len(times) // 2], 1)} [{_num(times[0], 0)}, {_num(times[-1], 0)}]" if times else "")
+        evals = sorted(t for run in seeds.values() for t in run.get("seconds_per_eval", []))
+        cells.append(_num(evals[len(evals) // 2], 0) if evals else "n/a")
         rows.append(cells)
     lines += _table(header, rows)
-    samples = (evaluation.get("prompts") or 0) * (evaluation.get("samples") or 0)
-    seeds = min((len(seeds) for seeds in runs.values()), default=0)
-    if samples < 100 or seeds < 2 or (report.get("steps") or 0) < 20:
+
+    finals: dict[str, list[float]] = {}
+    starts: dict[str, list[float]] = {}
+    for method, seeds in runs.items():
+        finals[method] = [run["curve"][-1][1] for run in seeds.values()]
+        starts[method] = [run["curve"][0][1] for run in seeds.values()]
+    lines += [
+        "",
+        "| method | final per seed | final mean +- s.e. | final - step 0 | training reward, first / last 3 steps |",
+    ]
+    lines += ["|---|---|---|---|---|"]
+    for method, seeds in runs.items():
+        mean, _ = _mean_se(finals[method])
+        se = _real_model_se(finals[method], samples)
+        gain = mean - sum(starts[method]) / len(starts[method])
+        gain_se = math.sqrt(se**2 + _real_model_se(starts[method], samples) ** 2)
+        rewards = [run["train_reward"] for run in seeds.values() if run.get("train_reward")]
+        first = sum(sum(r[:3]) / len(r[:3]) for r in rewards) / len(rewards) if rewards else math.nan
+        last = sum(sum(r[-3:]) / len(r[-3:]) for r in rewards) / len(rewards) if rewards else math.nan
+        lines.append(
+            f"| {method} | {' / '.join(_pct(v) for v in finals[method])} | {_pct(mean)} +- {_pct(se)} | "
+            f"{_points(gain, gain_se)} | {_pct(first)} / {_pct(last)} |"
+        )
+    n_seeds = min((len(seeds) for seeds in runs.values()), default=0)
+    if samples < 50 or n_seeds < 2:
         lines += [
             "",
-            f"Reading: a smoke-scale run ({seeds} seed(s), {report.get('steps')} steps, {samples} held-out samples per "
-            "point): one held-out sample is worth several points of accuracy here, so these figures show the "
-            "benchmark runs end to end and what a step costs, not whether PRIME learns faster than RLOO. The full "
-            "comparison is the script's default (2 seeds x 60 steps, 27 prompts x 4 samples). Seconds per step are "
-            "wall-clock times on the machine above, which may be shared with other jobs.",
+            f"Reading: a smoke-scale run ({n_seeds} seed(s), {report.get('steps')} steps, {samples} held-out samples "
+            "per point): one held-out sample is worth several points of accuracy here, so these figures show the "
+            "benchmark runs end to end and what a step costs, not whether PRIME learns faster than RLOO. Seconds "
+            "per step are wall-clock times on the machine above, which may be shared with other jobs.",
         ]
+    elif "prime" in finals and "rloo" in finals:
+        diff = sum(finals["prime"]) / len(finals["prime"]) - sum(finals["rloo"]) / len(finals["rloo"])
+        se = math.sqrt(_real_model_se(finals["prime"], samples) ** 2 + _real_model_se(finals["rloo"], samples) ** 2)
+        lines += [
+            "",
+            f"Reading: after {report.get('steps')} steps, PRIME - RLOO final held-out accuracy = {_points(diff, se)}"
+            f", {n_seeds} seeds each: {'a tie' if abs(diff) < 2 * se else 'a difference beyond 2 s.e.'}. "
+            "The s.e. is the larger of the seeds' spread and the "
+            f"binomial noise of {samples} held-out samples per point; with 2 seeds it is a rough figure, and a "
+            "difference inside 2 s.e. is a tie, not a lead.",
+        ]
+    notes = REAL_MODEL_NOTES.get(name)
+    if notes:
+        lines += ["", notes.strip()]
     return lines + [""]
+
+
+# What the SmolLM2 run did not do, and why (keyed by result name): what the numbers alone do not say.
+REAL_MODEL_NOTES: dict[str, str] = {
+    "smollm2_learning": """
+**What the numbers say.** With the same seed both methods start from the same policy, the same step-0 held-out
+samples and the same prompt order, so their curves differ only by PRIME's process reward and PRM. Both gain
+29-33 points in 12 steps (23.1% / 30.8% at step 0 -> 51.9-63.5%), more than 2 s.e. of the held-out noise, and
+PRIME ties RLOO: seed 1 ends on the same 63.5% for both, seed 0 one held-out sample apart. The training rewards of
+the two methods are identical for the first 5 (seed 0) and 6 (seed 1) steps: the PRM starts equal to the
+reference, so the process reward starts at exactly 0 and the first updates are (nearly) RLOO's. For half of
+each run the two methods are therefore close to the same run, and this benchmark cannot show a
+PRIME effect that needs a trained PRM. What the policy changed to gain (answer format, length or arithmetic) was
+not examined. A PRIME step cost a median 77 s against RLOO's 40 s here (the PRM forward and update on top of the
+policy's passes), medians on a machine whose load varied during the runs.
+
+**Not done, and why.** The settings (LoRA r=16, lr 1e-4 for policy and PRM, beta 0.05, 4 prompts x 4
+completions of <= 32 tokens) were not chosen on a validation split: the 26 held-out sums are the test set and
+no tuning run fit the CPU budget. Each run is 12 steps (48 prompts, less than one pass over the 55 training
+sums), not the recipe's 20, with 2 seeds and 26 prompts x 2 samples per point: the 4 runs had to fit about an
+hour of one thread on a 2-core machine shared with 3-4 other jobs. Longer runs, in which the PRM has time to
+become informative (the demo task's PRM needed 20-40 steps), were not run.
+""",
+}
 
 
 # Why each regime came out as it did (issue 16): what the numbers alone do not say. Keyed by regime name.

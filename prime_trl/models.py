@@ -29,6 +29,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -70,6 +71,14 @@ _CONVERSION_VERSION = 1
 def is_gguf_path(name_or_path: str | os.PathLike | None) -> bool:
     """Whether ``name_or_path`` names a GGUF file (by its suffix; the file need not exist yet)."""
     return name_or_path is not None and str(name_or_path).lower().endswith(".gguf")
+
+
+def _is_missing_smollm2_copy(name: str) -> bool:
+    """Whether ``name`` is a `gguf_to_pretrained` cache entry of the SmolLM2 file (``.../gguf/<stem>-<key>``, or
+    the bare ``<stem>-<key>``) that does not exist here."""
+    path = Path(name).expanduser()
+    entry = re.fullmatch(re.escape(Path(SMOLLM2_FILE).stem) + r"-[0-9a-f]{16}", path.name)
+    return entry is not None and path.parent.name in ("gguf", "") and not path.exists()
 
 
 def smollm2_gguf_path() -> Path:
@@ -247,6 +256,13 @@ def resolve_model(
         cache_dir: cache root for GGUF conversions and the demo warm start.
     """
     name = str(name_or_path)
+    if _is_missing_smollm2_copy(name):
+        # An adapter trained on smollm2-135m names the cached dequantized copy as its base; on a machine without
+        # that copy, rebuild it from the wheel (or say which package to install) instead of failing to find a path.
+        logger.info(
+            "%s is not here: rebuilding the dequantized %s from the %s wheel", name, SMOLLM2_MODEL, SMOLLM2_DISTRIBUTION
+        )
+        name = SMOLLM2_MODEL
     if gguf_file is not None:
         file = Path(gguf_file).expanduser()
         if not file.is_absolute() and not file.is_file():

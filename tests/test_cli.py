@@ -1,6 +1,8 @@
 """The `prime-trl` command line: help, config parsing and its errors, launching, and end-to-end runs on CPU."""
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -424,11 +426,22 @@ def test_train_routes_dataset_aliases_like_eval(tmp_path):
         (["--data", "math500", "--num_samples", "4", "--temperature", "0"], "temperature=0.0 with --num_samples 4"),
         (["--data", "math500", "--split", "train"], "math500 has only the split(s) ['test']"),
         (["--data", "prime-demo", "--split", "dev"], "prime-demo has the splits"),
+        (["--data", "prime-demo", "--reward", "final_anwser"], "unknown reward function 'final_anwser'"),
+        (["--data", "prime-demo", "--reward", "no_such_module.grade"], "cannot import reward function"),
     ],
 )
 def test_eval_rejects_bad_arguments_before_loading_a_model(extra, expected, capsys):
     code, err = run_main(["eval", "--model", "no/such-model", *extra], capsys)
     assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_eval_math_grader_on_code_rows_is_a_usage_error(tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "Q1", "task": "math", "answer": "1"}, {"prompt": "Q2", "task": "code", "tests": "assert True"}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code, err = run_main(["eval", "--model", "no/such-model", "--data", str(data), "--reward", "final_answer"], capsys)
+    assert code == 2 and "--reward final_answer grades math rows" in err and "['code']" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
@@ -498,3 +511,46 @@ def test_eval_and_score_name_a_model_or_adapter_that_cannot_be_loaded(tiny_model
         ["eval", "--model", tiny_model_dir, "--adapter", str(tmp_path), "--data", str(rows), "--backend", "hf"], capsys
     )
     assert code == 2 and "no adapter_config.json" in err and len(err.strip().splitlines()) == 1
+
+
+# ----- documented commands ------------------------------------------------------------------------------------
+
+
+def documented_commands(command: str) -> list[tuple[str, list[str]]]:
+    """Every full ``prime-trl <command> ...`` line of README.md, docs/*.md and the config headers (continuation
+    lines joined, trailing ``# comments`` dropped, ``<placeholders>`` one word), as ``(file, argv)``; prose mentions with ``...`` are skipped."""
+    start = re.compile(rf"^(?:#\s*(?:\w+\s*:)?)?\s*prime-trl {command}\s")
+    found = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *CONFIGS]:
+        lines = path.read_text().splitlines()
+        for index, line in enumerate(lines):
+            if not start.match(line):
+                continue
+            text = line
+            while text.rstrip().endswith("\\") and index + 1 < len(lines):
+                index += 1
+                text = text.rstrip()[:-1] + " " + lines[index].lstrip("# ")
+            text = re.sub(r"\s+#\s.*$", "", text[text.index("prime-trl") :])
+            text = re.sub(r"<[^>]*>", "PLACEHOLDER", text)  # <printed model path>, <responses.jsonl>
+            if "..." not in text and "`" not in text:
+                found.append((path.name, shlex.split(text)[2:]))
+    return found
+
+
+@pytest.mark.parametrize("command", ["eval", "score"])
+def test_documented_commands_parse(command):
+    """The eval / score lines a newcomer copies from the docs use only flags and values the CLI accepts."""
+    from prime_trl.apps.evaluation import EvalArguments
+    from prime_trl.apps.scoring import ScoreArguments
+
+    commands = documented_commands(command)
+    assert len(commands) >= 3, commands
+    parser = cli.make_eval_parser() if command == "eval" else cli.make_score_parser()
+    for source, argv in commands:
+        (args,), _, _ = cli._parse(parser, argv, command)
+        assert isinstance(args, EvalArguments if command == "eval" else ScoreArguments), (source, argv)
+    if command == "eval":  # the SmolLM2 recipe trains on final_answer: its eval lines grade the same way
+        smollm2 = [argv for _, argv in commands if "smollm2-135m" in argv]
+        assert smollm2 and all(
+            "--reward" in argv and argv[argv.index("--reward") + 1] == "final_answer" for argv in smollm2
+        )

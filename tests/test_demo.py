@@ -347,6 +347,35 @@ def test_report_regime_headline_keys():
     assert "**Verdict: PRIME beats RLOO**" in section and "regime_sparse.png" in section
 
 
+@pytest.mark.parametrize("prime_final, verdict", [(0.55, "a tie"), (0.95, "a difference beyond 2 s.e.")])
+def test_report_real_model_section_reads_ties_as_ties(prime_final, verdict):
+    """The SmolLM2 section: per-seed finals and a PRIME - RLOO difference judged against 2 s.e., where the s.e. is
+    at least the binomial noise of the held-out samples (two seeds that agree do not make a tiny s.e.)."""
+    import report
+
+    def run(final):
+        return {"curve": [[0, 0.3], [12, final]], "seconds_per_step": [70.0, 80.0], "train_reward": [0.1, 0.5]}
+
+    result = {
+        "benchmark": "smollm2_learning",
+        "date": "2026-12-01",
+        "steps": 12,
+        "eval": {"prompts": 26, "samples": 2, "every": 6},
+        "recipe": {
+            "per_device_train_batch_size": 16,
+            "num_generations": 4,
+            "max_completion_length": 32,
+            "learning_rate": 1e-4,
+        },
+        "runs": {"prime": {"0": run(prime_final), "1": run(prime_final)}, "rloo": {"0": run(0.5), "1": run(0.5)}},
+    }
+    section = "\n".join(report.section_real_model_learning("fake_smollm2", result))
+    assert f"{prime_final:.1%} / {prime_final:.1%}" in section and "4 prompts x 4 completions" in section
+    assert f"2 seeds each: {verdict}." in section
+    # Identical seeds have no spread: the s.e. is the held-out sampling noise, sqrt(p (1 - p) / (52 * 2)).
+    assert f"+- {100 * (0.5 * 0.5 / 104) ** 0.5:.1f}%" in section
+
+
 def test_demo_tasks_and_bad_task_name():
     from prime_trl.demo.run import DEMO_TASKS, run_demo
     from prime_trl.demo.warmstart import DEFAULT_SFT, HARD_SFT, default_sft_config

@@ -8,7 +8,14 @@ import pytest
 import torch
 from helpers import bos_tokenizer, require_bwrap, trl_prompt_ids
 
-from prime_trl.apps.evaluation import EvalArguments, Generation, evaluate, majority_vote, pass_at_k
+from prime_trl.apps.evaluation import (
+    EvalArguments,
+    Generation,
+    evaluate,
+    format_summary,
+    majority_vote,
+    pass_at_k,
+)
 
 # ----- metrics ------------------------------------------------------------------------------------------------
 
@@ -121,6 +128,33 @@ def test_math500_gold_answers_grade_correct_and_sampled_metrics(shared_data_dir,
     assert all(r["correct"] and r["extracted_answer"] == r["answer"] for r in greedy)
     assert sorted({r["sample"] for r in records if r["mode"] == "sample"}) == [0, 1, 2, 3]
     assert json.loads((tmp_path / "summary.json").read_text())["metrics"] == metrics
+
+
+@pytest.mark.parametrize(
+    "reward, correct, no_answer_metric",
+    [("task", 0.0, "no boxed answer"), ("math", 0.0, "no boxed answer"), ("final_answer", 1.0, "no answer")],
+)
+def test_eval_reward_option_chooses_the_grader(reward, correct, no_answer_metric, tmp_path):
+    """A plain-text right answer ("3 + 4 = 7."): boxed-only graders mark it wrong, final_answer right; maj@k votes
+    and extracted_answer read the answer as the chosen grader does."""
+    rows = [{"prompt": f"What is {a} + 4?", "task": "math", "answer": str(a + 4)} for a in (3, 5)]
+
+    def respond(prompt, greedy, sample):
+        a = int(prompt.split()[2])
+        return f"{a} + 4 = {a + 4}." if sample < 2 else "I do not know."
+
+    args = EvalArguments(
+        model="scripted", data="rows", greedy=False, num_samples=3, reward=reward, output_dir=str(tmp_path)
+    )
+    summary = evaluate(args, generator=ScriptedGenerator(respond), dataset=rows)
+    metrics = summary["metrics"]
+    assert summary["reward"] == reward and f"graded by {reward}" in format_summary(summary)
+    assert metrics["pass@1"] == pytest.approx(2 / 3 * correct)
+    assert metrics["maj@2"] == correct  # two votes for the right answer (none counted when unreadable)
+    assert metrics[no_answer_metric] == pytest.approx(1 / 3 if correct else 1.0)
+    records = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
+    right = [r for r in records if r["sample"] < 2]
+    assert all(r["extracted_answer"] == (r["answer"] if correct else None) for r in right)
 
 
 def test_humaneval_canonical_solutions_pass_and_wrong_code_fails(shared_data_dir, tmp_path):

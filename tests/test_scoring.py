@@ -368,6 +368,24 @@ def test_null_labels_mean_unlabelled(tmp_path):
     assert [c.label for c in problem.candidates] == [1.0, 0.0]  # graded against the answer 0
 
 
+def test_eval_rows_vote_with_the_answer_their_grader_read(tmp_path):
+    """Predictions of `prime-trl eval --reward final_answer` (plain-text answers, no box): the majority vote uses
+    their `extracted_answer`, not a missing \\boxed{}; rows without one still vote by their last box."""
+    from prime_trl.apps.scoring import load_problems
+
+    data = tmp_path / "predictions.jsonl"
+    eval_row = {"id": "a", "prompt": "Q", "task": "math", "answer": "7", "mode": "sample"}
+    rows = [
+        {**eval_row, "completion": "3 + 4 = 7.", "extracted_answer": "7", "correct": True},
+        {**eval_row, "completion": "It is 8", "extracted_answer": "8", "correct": False},
+        {"id": "b", "prompt": "R", "completion": "so \\boxed{5}", "answer": "5"},
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    first, second = load_problems(data)
+    assert [c.answer for c in first.candidates] == ["7", "8"]
+    assert [c.answer for c in second.candidates] == ["5"] and second.candidates[0].label == 1.0
+
+
 def test_prm_trained_on_a_4bit_base_is_scored_on_the_same_4bit_base(tmp_path):
     """`--load_in_4bit` loads the base as `prime-trl train --load_in_4bit` does (TRL's quantization config, the
     trainable 4-bit layout), so the rewards are the ones training computed; unquantized they differ."""

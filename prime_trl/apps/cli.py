@@ -12,7 +12,6 @@ See docs/cli.md for the user guide.
 from __future__ import annotations
 
 import difflib
-import importlib
 import logging
 import os
 import sys
@@ -25,22 +24,13 @@ from trl import ScriptArguments  # light: does not import torch or transformers
 
 from prime_trl.models import SMOLLM2_MODEL, SPECIAL_MODELS, is_gguf_path
 from prime_trl.models import resolve_model as resolve_model_path
+from prime_trl.rewards.registry import REWARD_FUNCS, load_reward_func
 
 logger = logging.getLogger("prime_trl.apps.cli")
 
 # Set in the environment of processes started by `prime-trl train` through accelerate, so that they train
 # instead of launching again (their YAML may still hold launch options such as num_processes).
 _LAUNCHED_ENV = "PRIME_TRL_LAUNCHED"
-
-# Reward functions by name: `--reward_funcs math code`; anything with a dot is imported (`my_module.my_reward`).
-REWARD_FUNCS = {
-    "math": "prime_trl.rewards:math_reward",
-    "final_answer": "prime_trl.rewards:final_answer_reward",
-    "code": "prime_trl.rewards:code_reward",
-    "task": "prime_trl.rewards:task_reward",
-    "verifier": "prime_trl.rewards:task_reward",  # former name of "task", deprecated
-    "demo": "prime_trl.demo.task:answer_reward",
-}
 
 
 class CLIError(Exception):
@@ -164,7 +154,9 @@ def make_eval_parser():
         "examples:\n"
         "  prime-trl eval --model Qwen/Qwen2.5-0.5B-Instruct --adapter qwen-prime --data math500\n"
         "  prime-trl eval --model Qwen/Qwen2.5-0.5B-Instruct --data humaneval --num_samples 8 --k 1 8\n"
-        "  prime-trl eval --model prime-demo/base --adapter prime-demo --data prime-demo   # after prime-trl demo\n\n"
+        "  prime-trl eval --model prime-demo/base --adapter prime-demo --data prime-demo   # after prime-trl demo\n"
+        "  prime-trl eval --model smollm2-135m --adapter smollm2_135m_prime --data configs/data/one_digit_sums_test.jsonl \\\n"
+        "      --system_prompt false --reward final_answer   # grade as configs/smollm2-135m-cpu.yaml trains\n\n"
         "backends: hf (transformers generate) by default; vllm with --backend vllm or auto when vLLM and a GPU\n"
         "are present (the vLLM path is not exercised in this project's CPU-only CI).",
     )
@@ -446,25 +438,10 @@ def resolve_reward_funcs(
                 f"(one of {sorted(REWARD_FUNCS)} or a dotted import path such as my_module.my_reward)."
             )
         logger.info("reward_funcs not set; using %s", names)
-    functions = []
-    for name in names:
-        if name in REWARD_FUNCS:
-            module_name, attribute = REWARD_FUNCS[name].split(":")
-        elif "." in name:
-            module_name, attribute = name.rsplit(".", 1)
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())  # as `trl grpo`: local modules of the working directory
-        else:
-            raise CLIError(
-                f"unknown reward function {name!r}: use one of {sorted(REWARD_FUNCS)} or a dotted import path "
-                "(module.function)."
-            )
-        try:
-            function = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as error:
-            raise CLIError(f"cannot import reward function {name!r} ({module_name}.{attribute}): {error}") from error
-        functions.append(function)
-    return functions
+    try:
+        return [load_reward_func(name) for name in names]
+    except ValueError as error:
+        raise CLIError(str(error)) from error
 
 
 def train(script_args, training_args, model_args, dataset_args):
@@ -552,12 +529,22 @@ def run_eval(argv: list[str]) -> int:
         raise CLIError(message if args.data in message else f"--data {args.data}: {message}") from error
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data} gave no problems.")
+    try:  # the grader before the model too: a typo in a module path fails in a second
+        reward_fn = load_reward_func(args.reward)
+    except ValueError as error:
+        raise CLIError(f"--reward {args.reward}: {error}") from error
+    other_tasks = sorted(set(dataset["task"]) - {"math"})
+    if args.reward in ("math", "final_answer") and other_tasks:
+        raise CLIError(
+            f"--reward {args.reward} grades math rows, but --data {args.data} has {other_tasks} rows: use --reward "
+            "task (routes each row by its task) or evaluate the math rows alone."
+        )
     try:
         generator = make_generator(args)
     except (OSError, ValueError, ImportError) as error:
         loading = f"--model {args.model}" + (f" with --adapter {args.adapter}" if args.adapter else "")
         raise CLIError(f"cannot load {loading}: {_first_line(error)}") from error
-    summary = evaluate(args, generator=generator, dataset=dataset)
+    summary = evaluate(args, generator=generator, dataset=dataset, reward_fn=reward_fn)
     print(format_summary(summary))
     return 0
 

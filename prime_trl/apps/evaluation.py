@@ -51,6 +51,8 @@ from prime_trl.algo.rollout import (
     prompt_token_ids,
     render_prompt,
 )
+from prime_trl.rewards import extract_boxed, extract_final_answer
+from prime_trl.rewards.registry import check_reward_name, load_reward_func
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ __all__ = [
     "Generator",
     "HFGenerator",
     "VLLMGenerator",
+    "answer_extractor",
     "evaluate",
     "format_summary",
     "grade_completions",
@@ -153,6 +156,14 @@ class EvalArguments:
     data_seed: int = field(
         default=0, metadata={"help": "Seed that draws the prime-demo problems (independent of --seed)."}
     )
+    reward: str = field(
+        default="task",
+        metadata={
+            "help": "Grader, by the names `prime-trl train --reward_funcs` accepts: task (math rows by their last "
+            "\\boxed{} answer, code rows by their tests), final_answer (math rows: the boxed answer, else the last "
+            "number; for models trained with it), math, code, or module.function."
+        },
+    )
     output_dir: str = field(
         default="eval_output",
         metadata={"help": "Writes predictions.jsonl (every completion with its grade) and summary.json here."},
@@ -183,6 +194,7 @@ class EvalArguments:
             )
         if self.num_samples and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1.0 keeps the whole distribution).")
+        check_reward_name(self.reward)  # a typo fails at parse time; the function is imported by `evaluate`
 
     def ks(self) -> list[int]:
         """The k values reported: ``k`` if given, else powers of two below ``num_samples`` and ``num_samples``."""
@@ -344,7 +356,8 @@ def check_split(data: str, split: str | None) -> None:
 def grade_completions(
     rows: Sequence[dict], completions: Sequence[str], reward_fn: Callable | None = None
 ) -> list[float]:
-    """Verifier scores of ``completions[i]`` for ``rows[i]`` (math: boxed answer; code: sandboxed tests)."""
+    """Verifier scores of ``completions[i]`` for ``rows[i]`` (default `task_reward`: math rows by the boxed answer,
+    code rows by sandboxed tests)."""
     if reward_fn is None:
         from prime_trl.rewards import task_reward as reward_fn
     columns = {name: [row.get(name) for row in rows] for name in _GRADING_COLUMNS}
@@ -689,7 +702,7 @@ def evaluate(
         args: the settings.
         generator: a backend (default: `make_generator(args)`); tests pass a fake one.
         dataset: rows to evaluate (default: `load_eval_dataset(args)`).
-        reward_fn: verifier with prime_trl.rewards' signature (default: `prime_trl.rewards.task_reward`).
+        reward_fn: verifier with prime_trl.rewards' signature (default: the one ``args.reward`` names).
 
     Returns:
         The summary (also written to ``summary.json``): ``metrics`` maps metric names to values.
@@ -698,6 +711,8 @@ def evaluate(
     rows = [dict(row) for row in dataset]
     if not rows:
         raise ValueError(f"--data {args.data} gave no problems.")
+    reward_fn = load_reward_func(args.reward) if reward_fn is None else reward_fn
+    extract = answer_extractor(args.reward)
     generator = make_generator(args) if generator is None else generator
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -732,7 +747,7 @@ def evaluate(
                 scores = grade_completions([r for r, _ in flat], [g.text for _, g in flat], reward_fn)
                 per_row = len(generations[0]) if generations else 0
                 for index, ((row, gen), score) in enumerate(zip(flat, scores)):
-                    record = _record(row, gen, score, mode, index % per_row)
+                    record = _record(row, gen, score, mode, index % per_row, extract)
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                     lengths.append(gen.num_tokens)
                     finished.append(gen.finished)
@@ -745,7 +760,9 @@ def evaluate(
                     else:
                         sample_correct.append(correct)
                         sample_answers.append(
-                            [_extract_answer(row, g.text) for g in generations[i]] if row["task"] == "math" else []
+                            [_extract_answer(row, g.text, extract) for g in generations[i]]
+                            if row["task"] == "math"
+                            else []
                         )
             math_rows.extend(row["task"] == "math" for row in chunk)
             if greedy_correct:
@@ -768,7 +785,7 @@ def evaluate(
             ]
             metrics[f"maj@{k}"] = sum(votes) / len(votes)
     if no_answer:
-        metrics["no boxed answer"] = sum(no_answer) / len(no_answer)
+        metrics["no boxed answer" if extract is extract_boxed else "no answer"] = sum(no_answer) / len(no_answer)
     metrics["truncated"] = 1.0 - sum(finished) / len(finished)
     metrics["mean completion tokens"] = sum(lengths) / len(lengths)
 
@@ -782,6 +799,7 @@ def evaluate(
         "temperature": args.temperature,
         "top_p": args.top_p,
         "max_new_tokens": args.max_new_tokens,
+        "reward": args.reward,
         "decoding": {
             mode: decoding_settings(mode == "greedy", args.temperature, args.top_p, args.max_new_tokens)
             for mode, wanted in (("greedy", args.greedy), ("sampled", args.num_samples > 0))
@@ -795,13 +813,19 @@ def evaluate(
     return summary
 
 
-def _extract_answer(row: dict, text: str) -> str | None:
-    from prime_trl.rewards import extract_boxed
+def answer_extractor(reward: str) -> Callable[[str], str | None]:
+    """How a math completion's answer is read for maj@k votes and ``extracted_answer``: as the grader reads it
+    (``final_answer``: the boxed answer, else the last number; any other grader: the last ``\\boxed{}``)."""
+    return extract_final_answer if reward == "final_answer" else extract_boxed
 
-    return extract_boxed(text) if row["task"] == "math" else None
+
+def _extract_answer(row: dict, text: str, extract: Callable[[str], str | None] = extract_boxed) -> str | None:
+    return extract(text) if row["task"] == "math" else None
 
 
-def _record(row: dict, generation: Generation, score: float, mode: str, sample: int) -> dict[str, Any]:
+def _record(
+    row: dict, generation: Generation, score: float, mode: str, sample: int, extract: Callable[[str], str | None]
+) -> dict[str, Any]:
     return {
         "id": row.get("id"),
         "source": row.get("source"),
@@ -810,7 +834,7 @@ def _record(row: dict, generation: Generation, score: float, mode: str, sample: 
         "sample": sample,
         "prompt": row["prompt"],
         "completion": generation.text,
-        "extracted_answer": _extract_answer(row, generation.text),
+        "extracted_answer": _extract_answer(row, generation.text, extract),
         "answer": row.get("answer"),
         "score": score,
         "correct": score >= 1.0 - 1e-9,
@@ -824,6 +848,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     title = f"{summary['data']}: {summary['num_problems']} problems, model {summary['model']}"
     if summary.get("adapter"):
         title += f" + adapter {summary['adapter']}"
+    if summary.get("reward"):
+        title += f", graded by {summary['reward']}"
     sampled = f" (n={summary['num_samples']}, T={summary['temperature']}, top_p={summary['top_p']})"
     lines = [title, "", "| metric | value |", "|---|---:|"]
     for name, value in summary["metrics"].items():

@@ -653,6 +653,7 @@ def load_problems(path: str | Path, limit: int | None = None, reward_fn: Callabl
                 )
             labels = _list_field(row, ("labels", "scores"), len(responses), where) or [None] * len(responses)
             labels = [_label(value, "labels", where) for value in labels]
+            answers = [None] * len(responses)
             finished = row.get("finished")
             if finished is None or isinstance(finished, bool):
                 finished = [finished] * len(responses)
@@ -670,6 +671,7 @@ def load_problems(path: str | Path, limit: int | None = None, reward_fn: Callabl
             label_key = next((k for k in _LABEL_KEYS if k in row), None)
             labels = [_label(row[label_key], label_key, where) if label_key else None]
             finished = [row.get("finished")]
+            answers = [row.get("extracted_answer")]
         if any(f is not None and not isinstance(f, bool) for f in finished):
             raise ResponseFileError(f"{where}: 'finished' must be true/false (did the response end with EOS?).")
         problem_id = str(row.get("id") if row.get("id") is not None else json.dumps(row["prompt"]))
@@ -679,7 +681,8 @@ def load_problems(path: str | Path, limit: int | None = None, reward_fn: Callabl
             grading = {k: row[k] for k in ("task", "answer", "tests", "code_prefix", "entry_point") if k in row}
             problems[problem_id] = Problem(problem_id, row["prompt"], [], grading)
         problems[problem_id].candidates.extend(
-            Candidate(r, lab, finished=f) for r, lab, f in zip(responses, labels, finished)
+            Candidate(r, lab, answer=None if a is None else str(a), finished=f)
+            for r, lab, a, f in zip(responses, labels, answers, finished)
         )
     result = list(problems.values())
     if not result:
@@ -706,7 +709,9 @@ def _fill_labels_and_answers(problems: list[Problem], reward_fn: Callable | None
     for problem in problems:
         task = problem.row.get("task") or ("math" if "answer" in problem.row else None)
         for candidate in problem.candidates:
-            if task == "math":
+            # A `prime-trl eval` row carries the answer as its grader read it (`extracted_answer`: with
+            # --reward final_answer, the last number when there is no box); other rows vote by their last box.
+            if task == "math" and candidate.answer is None:
                 candidate.answer = extract_boxed(candidate.response)
             gradable = (task == "math" and _has_value(problem.row.get("answer"))) or (
                 task == "code" and _has_value(problem.row.get("tests"))
