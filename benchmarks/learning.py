@@ -28,7 +28,7 @@ Optional extra phases (not run by default; ~25 min on 2 cores):
 
 7. ``regime`` (issue 16; ``--regimes``, ``--seeds``): where PRIME's dense reward should pay off, each regime a
    controlled PRIME vs outcome-only RLOO comparison at the same settings (``REGIMES``): ``sparse`` /
-   ``sparse_lb0`` (8-step chains, a warm start right on ~2% of samples; filter [0.2, 0.8] / lower bound 0),
+   ``sparse_lb0`` (8-step chains, a warm start right on ~9% of samples; filter [0.2, 0.8] / lower bound 0),
    ``systematic`` (a warm start whose teacher erred on ``*`` steps only), ``prm_gate`` / ``prm_pretrain`` (remedies
    for the PRM losing to the policy on the default task, against its final / ablation runs). Writes
    ``benchmarks/results/regime_<name>.json`` and ``.png``.
