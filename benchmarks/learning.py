@@ -28,9 +28,10 @@ Optional extra phases (not run by default; ~25 min on 2 cores):
 
 7. ``regime`` (issue 16; ``--regimes``, ``--seeds``): where PRIME's dense reward should pay off, each regime a
    controlled PRIME vs outcome-only RLOO comparison at the same settings (``REGIMES``): ``sparse`` /
-   ``sparse_lb0`` (8-step chains, a warm start right on ~2% of samples; filter [0.2, 0.8] / lower bound 0),
+   ``sparse_lb0`` (8-step chains, a warm start right on ~9% of samples; filter [0.2, 0.8] / lower bound 0),
    ``systematic`` (a warm start whose teacher erred on ``*`` steps only), ``prm_gate`` / ``prm_pretrain`` (remedies
-   for the PRM losing to the policy on the default task, against its final / ablation runs). Writes
+   for the PRM losing to the policy on the default task, against its final / ablation runs), ``prm_pretrain_short``
+   (the PRM warm-up in 40-step runs with their own PRIME and RLOO arms). Writes
    ``benchmarks/results/regime_<name>.json`` and ``.png``.
 
 Every run is its own subprocess (``OMP_NUM_THREADS=1``, one torch thread; ``--jobs`` at a time) and writes
@@ -148,7 +149,7 @@ class Regime:
 
 # Reduced shapes (2 shared CPU cores): an 8-step chain costs ~2-3x a default-task step to generate and score.
 _SPARSE_SHAPE = dict(steps=30, eval_every=15, eval_prompts=100, eval_samples=4)
-_SYSTEMATIC_SHAPE = dict(steps=40, eval_every=20, eval_prompts=150, eval_samples=4)
+_SHORT_SHAPE = dict(steps=40, eval_every=20, eval_prompts=150, eval_samples=4)  # default-task-length chains
 # The default task's final shape with fewer evaluations: evaluation never touches the training RNG, so these runs
 # train exactly as the final phase's and compare with them at the shared evaluation steps.
 _REMEDY_SHAPE = dict(steps=160, eval_every=40, eval_prompts=500, eval_samples=4)
@@ -172,7 +173,7 @@ REGIMES: dict[str, Regime] = {
     "systematic": Regime(
         "systematic",
         (Arm("prime", "prime"), Arm("rloo", "rloo")),
-        _SYSTEMATIC_SHAPE,
+        _SHORT_SHAPE,
         "default task, a warm start whose teacher erred on '*' steps only (half of them), never on '+' / '-'",
     ),
     "prm_gate": Regime(
@@ -186,6 +187,18 @@ REGIMES: dict[str, Regime] = {
         (Arm("prime", "prime", {"prm_pretrain_batches": 4}), *_DEFAULT_BASELINES),
         _REMEDY_SHAPE,
         "the PRM losing to the policy: 4 PRM warm-up batches before the policy's first update",
+    ),
+    # Self-contained (its own plain-PRIME and RLOO runs from the same warm start), so it does not lean on the final
+    # phase's runs: a warm start rebuilt elsewhere need not match theirs bit for bit.
+    "prm_pretrain_short": Regime(
+        "default",
+        (
+            Arm("prime", "prime", {"prm_pretrain_batches": 4}),
+            Arm("prime_plain", "prime"),
+            Arm("rloo", "rloo"),
+        ),
+        _SHORT_SHAPE,
+        "4 PRM warm-up batches before the policy's first update, 40-step runs with their own PRIME and RLOO baselines",
     ),
 }
 

@@ -158,7 +158,7 @@ DEMO_TASKS: dict[str, DemoTask] = {
     "default": DemoTask(TaskConfig(), DEFAULT_SFT, DEMO_SETTINGS["default"], "3-4 operands, random teacher noise"),
     "hard": DemoTask(TaskConfig.hard(), HARD_SFT, DEMO_SETTINGS["hard"], "5-6 operands, random teacher noise"),
     "sparse": DemoTask(
-        TaskConfig.sparse(), SPARSE_SFT, DEMO_SETTINGS["default"], "8-step chains, warm start right on ~2% of samples"
+        TaskConfig.sparse(), SPARSE_SFT, DEMO_SETTINGS["default"], "8-step chains, warm start right on ~9% of samples"
     ),
     "systematic": DemoTask(
         TaskConfig(), SYSTEMATIC_SFT, DEMO_SETTINGS["default"], "3-4 operands, teacher errs on '*' steps only"
