@@ -2,6 +2,7 @@
 rows, crash-safe checkpoints, what is logged, start points, temperature, and configurations it must refuse."""
 
 import logging
+import types
 import zlib
 from pathlib import Path
 
@@ -176,6 +177,68 @@ def test_check_verifier_scores_settles_auto_once_and_names_the_verifiers():
     assert (
         key == "default_verifier" and "None for 1 rows" in message and "verifier='math_reward,code_reward'" in message
     )
+
+
+class TinyRewardModel(torch.nn.Module):
+    """A reward model as TRL sees one (a module, called on tokenized prompt + completion, returning ``.logits``),
+    whose logits sit in a narrow band inside [0, 1], as a freshly initialised sequence classifier's often do."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config  # TRL reads the model's name from it
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        token_sum = (input_ids * attention_mask).sum(-1, keepdim=True)
+        return types.SimpleNamespace(logits=0.05 + 0.01 * (token_sum % 7).float() / 7 + self.dummy)
+
+
+def tiny_reward_model(model_dir):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config._name_or_path = "tiny-reward-model"
+    return TinyRewardModel(config)
+
+
+def test_reward_model_logits_in_unit_range_are_not_soft_labels(tiny_model_dir, tmp_path, caplog):
+    """Logits of ~0.05 read as soft labels would make every group's accuracy ~0.05, so the accuracy filter would drop
+    every group and the run would train nothing (TRL's test_training with a tiny reward model did exactly that)."""
+    from transformers import AutoTokenizer
+
+    reward_model = tiny_reward_model(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    trainer = PRIMETrainer(
+        tiny_model_dir,
+        args=make_args(tmp_path, max_steps=2),
+        reward_funcs=reward_model,
+        reward_processing_classes=tokenizer,
+        train_dataset=make_dataset(),
+        peft_config=LoraConfig(**LORA),
+    )
+    calls = record_prm_labels(trainer)
+    before = policy_params(trainer.model)
+    with caplog.at_level(logging.WARNING, logger="prime_trl.trainer.prime_trainer"):
+        trainer.train()
+    assert changed(before, trainer.model), "the policy must move"
+    assert calls and all(set(labels.tolist()) <= {0.0, 1.0} for _, _, labels in calls), "binary labels"
+    assert not any("dropped every group" in r.getMessage() for r in caplog.records)
+    assert trainer.prime_settings.outcome_label == "group_mean"
+
+
+def test_outcome_label_set_by_the_user_is_kept_for_a_reward_model(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    reward_model = tiny_reward_model(tiny_model_dir)
+    trainer = PRIMETrainer(
+        tiny_model_dir,
+        args=make_args(tmp_path, outcome_label="threshold", outcome_label_threshold=0.0),
+        reward_funcs=reward_model,
+        reward_processing_classes=AutoTokenizer.from_pretrained(tiny_model_dir),
+        train_dataset=make_dataset(),
+        peft_config=LoraConfig(**LORA),
+    )
+    assert trainer.prime_settings.outcome_label == "threshold"
 
 
 def test_fully_filtered_steps_warn_and_leave_policy_untouched(tiny_model_dir, tmp_path, caplog):

@@ -138,7 +138,8 @@ class PRIMESettings:
             "(the score clamped to [0, 1]; soft labels allowed), 'threshold' (1 if score > outcome_label_threshold, "
             "else 0), 'group_mean' (1 if the score is above its group's mean, else 0: for length rewards, "
             "reward-model logits, -1/+1), or 'auto' ('score' while every score lies in [0, 1], else 'group_mean'; "
-            "a training run keeps 'group_mean' for the rest of the run from the first such batch, with a warning)."
+            "a training run keeps 'group_mean' for the rest of the run from the first such batch, with a warning; "
+            "PRIMETrainer uses 'group_mean' from the start when the verifier is a reward model, whose scores are logits)."
         },
     )
     outcome_label_threshold: float = field(

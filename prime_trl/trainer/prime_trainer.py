@@ -246,6 +246,7 @@ class PRIMETrainer(GRPOTrainer):
         protect_4bit_base(self.model)  # QLoRA on CPU: eval-mode forwards must not repack the base (see module)
         self.verifier_indices = resolve_verifiers(self.reward_func_names, args.verifier)
         self.prime_settings = PRIMESettings.from_config(args)
+        self._label_reward_models_by_group_mean()
         self.prime_state = PRIMEState()
         self._prm_pretrain_pending = args.prm_pretrain_batches > 0
         self.prm = self._build_prm(prm if prm is not None else args.prm_name_or_path)
@@ -263,6 +264,25 @@ class PRIMETrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # Set-up
     # ------------------------------------------------------------------------------------------------------------
+
+    def _label_reward_models_by_group_mean(self) -> None:
+        """``outcome_label="auto"`` with a reward model (a sequence classifier) as verifier: its scores are logits, on
+        no fixed scale, even when a batch happens to fall inside [0, 1] (a fresh reward model's often do), so they
+        are never soft labels: label by ``group_mean`` from the first batch, as "auto" does once a score leaves [0, 1]."""
+        if self.prime_settings.outcome_label != "auto":
+            return
+        models = [
+            self.reward_func_names[i]
+            for i in self.verifier_indices
+            if isinstance(self.reward_funcs[i], torch.nn.Module)
+        ]
+        if models:
+            self.prime_settings.outcome_label = "group_mean"
+            logger.info(
+                "PRIME: the verifier %s is a reward model (scores are logits), so outcome_label='auto' labels a row "
+                "correct when its score is above its group's mean ('group_mean'). Set outcome_label to choose.",
+                ", ".join(repr(name) for name in models),
+            )
 
     def _build_prm(self, prm: LoraConfig | str | os.PathLike | None) -> ImplicitPRM:
         """Add the PRM adapter (on the policy's base, or on a frozen copy for a fully fine-tuned policy)."""
