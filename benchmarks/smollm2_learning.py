@@ -3,6 +3,7 @@
     python benchmarks/smollm2_learning.py                     # 2 seeds x 2 methods x the recipe's max_steps
     python benchmarks/smollm2_learning.py --seeds 0 --steps 4 --eval_every 2 --eval_prompts 18   # a small run
     python benchmarks/smollm2_learning.py --write_data                    # only (re)write configs/data/*.jsonl
+    python benchmarks/smollm2_learning.py --validate_lr 3e-5 1e-4 3e-4 --steps 6   # choose lr on validation
 
 The task: one-digit additions (chat messages: "What is 7 + 5?" + prime_trl.data's math suffix, no system prompt;
 SmolLM2's chat template adds its own default system line), graded by
@@ -16,6 +17,12 @@ Both methods run the recipe's settings from the YAML (one place); RLOO is the sa
 ``--eval_samples`` completions per held-out prompt at the training temperature; the curve is their accuracy.
 Writes ``benchmarks/results/smollm2_learning.json``; ``python benchmarks/report.py`` turns it into a
 BENCHMARKS.md section.
+
+``--validate_lr`` chooses the learning rate without touching the test split: every 4th training sum (ranked by
+the crc32 of its question, 14 of 55) is held out for validation, PRIME trains on the other 41 with the policy and
+PRM learning rates both set to each value (seed 0 unless ``--seeds``), and the validation accuracy is measured by
+the same sampled grading at step 0 and at the end. Writes ``benchmarks/results/smollm2_validation.json``, merging
+values already there (so values can run in parallel processes, one value each).
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "smollm2-135m-cpu.yaml"
 DATA_DIR = REPO / "configs" / "data"
 RESULT = REPO / "benchmarks" / "results" / "smollm2_learning.json"
+VALIDATION_RESULT = REPO / "benchmarks" / "results" / "smollm2_validation.json"
+# Every VALIDATION_STRIDE-th training sum (ranked by a fixed hash) is a validation sum in --validate_lr mode.
+VALIDATION_STRIDE = 4
 
 logger = logging.getLogger("smollm2_learning")
 
@@ -51,6 +61,13 @@ def addition_rows() -> dict[str, list[dict]]:
             split = "test" if zlib.crc32(question.encode()) % 3 == 0 else "train"
             splits[split].append({"prompt": question, "answer": str(a + b), "id": f"{a}+{b}"})
     return splits
+
+
+def validation_ids(ids: list[str]) -> set[str]:
+    """The validation sums among training ids ("a+b"): every VALIDATION_STRIDE-th one ranked by the crc32 of its
+    question (a fixed, order-independent choice of 14 of the 55)."""
+    ranked = sorted(ids, key=lambda i: zlib.crc32(f"What is {i.replace('+', ' + ')}?".encode()))
+    return set(ranked[::VALIDATION_STRIDE])
 
 
 def write_data() -> dict[str, Path]:
@@ -105,21 +122,21 @@ def held_out_accuracy(trainer, prompts: list[list[dict]], answers: list[str], sa
     return sum(scores) / len(scores)
 
 
-def run(method: str, seed: int, options, settings: dict, test) -> dict:
+def run(method: str, seed: int, options, settings: dict, train, test, name: str | None = None) -> dict:
+    """Train `method` on `train` with `settings` for options.steps steps, scoring sampled accuracy on `test` (the
+    held-out test split, or the validation sums) every options.eval_every steps and at the end."""
     import torch
     from peft import LoraConfig
     from transformers import TrainerCallback
 
     from prime_trl import PRIMEConfig, PRIMETrainer
-    from prime_trl.data import load_prime_file
     from prime_trl.rewards import final_answer_reward
 
     torch.manual_seed(seed)
-    train = load_prime_file(DATA_DIR / "one_digit_sums_train.jsonl", system_prompt=settings["system_prompt"])
     config_keys = set(PRIMEConfig.__dataclass_fields__)
     args = {k: v for k, v in settings.items() if k in config_keys}
     args.update(
-        output_dir=str(Path(options.work_dir) / f"{method}-{seed}"),
+        output_dir=str(Path(options.work_dir) / (name or f"{method}-{seed}")),
         max_steps=options.steps,
         seed=seed,
         save_strategy="no",
@@ -181,7 +198,7 @@ def run(method: str, seed: int, options, settings: dict, test) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 (0 with --validate_lr)")
     parser.add_argument("--methods", nargs="+", default=["prime", "rloo"], choices=["prime", "rloo"])
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's max_steps)")
     parser.add_argument("--eval_every", type=int, default=10)
@@ -189,6 +206,14 @@ def main() -> int:
     parser.add_argument("--eval_samples", type=int, default=3)
     parser.add_argument("--work_dir", default="/tmp/prime-trl-smollm2-learning")
     parser.add_argument("--write_data", action="store_true", help="only write the data files and exit")
+    parser.add_argument(
+        "--validate_lr",
+        type=float,
+        nargs="+",
+        metavar="LR",
+        help="validation mode: PRIME with learning_rate = prm_learning_rate = each LR, scored on validation sums "
+        "carved out of the training split (the test split is not used)",
+    )
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     write_data()
@@ -201,13 +226,32 @@ def main() -> int:
 
     settings = recipe()
     options.steps = options.steps or settings["max_steps"]
+    train = load_prime_file(DATA_DIR / "one_digit_sums_train.jsonl", system_prompt=settings["system_prompt"])
+    if options.validate_lr:
+        return validate(options, settings, train)
+    options.seeds = options.seeds or [0, 1]
     test = load_prime_file(DATA_DIR / "one_digit_sums_test.jsonl", system_prompt=settings["system_prompt"])
     test = test.select(range(min(options.eval_prompts, len(test))))
     runs: dict[str, dict[str, dict]] = {method: {} for method in options.methods}
     for seed in options.seeds:
         for method in options.methods:
-            runs[method][str(seed)] = run(method, seed, options, settings, test)
+            runs[method][str(seed)] = run(method, seed, options, settings, train, test)
             write_report(options, settings, test, runs)  # after every run: a job stopped early keeps what it measured
+    return 0
+
+
+def validate(options, settings: dict, train) -> int:
+    """--validate_lr: PRIME at each learning rate (policy and PRM together) on the training sums minus the
+    validation ones, validation accuracy at step 0 and at the end; results merged into VALIDATION_RESULT."""
+    held = validation_ids(list(train["id"]))
+    validation = train.filter(lambda row: row["id"] in held)
+    train = train.filter(lambda row: row["id"] not in held)
+    options.eval_every = options.steps  # step 0 and the end only: the sweep compares end points
+    for seed in options.seeds or [0]:
+        for lr in options.validate_lr:
+            tuned = {**settings, "learning_rate": lr, "prm_learning_rate": lr}
+            result = run("prime", seed, options, tuned, train, validation, name=f"validate-lr{lr:g}-{seed}")
+            write_validation(options, settings, len(train), validation, f"{lr:g}", str(seed), result)
     return 0
 
 
@@ -216,17 +260,11 @@ REPORTED_SETTINGS = ("per_device_train_batch_size", "num_generations", "max_comp
 
 
 def write_report(options, settings: dict, test, runs: dict[str, dict[str, dict]]) -> None:
-    import torch
-
     report = {
         "benchmark": "smollm2_learning",
         "command": "python benchmarks/smollm2_learning.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch_threads": torch.get_num_threads(),
-        },
+        "machine": _machine(),
         "config": str(CONFIG.relative_to(REPO)),
         "recipe": {key: settings[key] for key in REPORTED_SETTINGS},
         "steps": options.steps,
@@ -236,6 +274,36 @@ def write_report(options, settings: dict, test, runs: dict[str, dict[str, dict]]
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(report, indent=2))
     logger.info("wrote %s", RESULT)
+
+
+def _machine() -> dict:
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()}
+
+
+def write_validation(options, settings: dict, n_train: int, validation, lr: str, seed: str, result: dict) -> None:
+    """Merge one (lr, seed) run into VALIDATION_RESULT (re-read first: parallel processes each add their values)."""
+    report = json.loads(VALIDATION_RESULT.read_text()) if VALIDATION_RESULT.exists() else {}
+    runs = report.get("runs", {})
+    runs.setdefault(lr, {})[seed] = result
+    command = "python benchmarks/smollm2_learning.py " + " ".join(sys.argv[1:])
+    report.update(
+        benchmark="smollm2_validation",
+        commands=sorted(set(report.get("commands", [])) | {command}),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        machine=_machine(),
+        config=str(CONFIG.relative_to(REPO)),
+        recipe_learning_rate=settings["learning_rate"],
+        recipe_prm_learning_rate=settings["prm_learning_rate"],
+        steps=options.steps,
+        train_prompts=n_train,
+        validation={"prompts": len(validation), "samples": options.eval_samples, "ids": sorted(validation["id"])},
+        runs=dict(sorted(runs.items(), key=lambda item: float(item[0]))),
+    )
+    VALIDATION_RESULT.parent.mkdir(parents=True, exist_ok=True)
+    VALIDATION_RESULT.write_text(json.dumps(report, indent=2))
+    logger.info("wrote %s (lr %s seed %s)", VALIDATION_RESULT, lr, seed)
 
 
 if __name__ == "__main__":

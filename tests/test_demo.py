@@ -376,6 +376,47 @@ def test_report_real_model_section_reads_ties_as_ties(prime_final, verdict):
     assert f"+- {100 * (0.5 * 0.5 / 104) ** 0.5:.1f}%" in section
 
 
+def test_smollm2_validation_split_is_carved_from_train_only():
+    """--validate_lr validates on 14 of the 55 training sums, a fixed choice, never on a test sum."""
+    import smollm2_learning
+
+    splits = smollm2_learning.addition_rows()
+    train_ids = [row["id"] for row in splits["train"]]
+    held = smollm2_learning.validation_ids(train_ids)
+    assert len(held) == 14 and held <= set(train_ids)
+    assert not held & {row["id"] for row in splits["test"]}
+    assert smollm2_learning.validation_ids(train_ids[::-1]) == held  # independent of row order
+
+
+@pytest.mark.parametrize(
+    "finals, verdict",
+    [
+        ({"3e-05": 0.3, "0.0001": 0.5, "0.0003": 0.4}, "the sweep picks the recipe's value."),
+        ({"3e-05": 0.3, "0.0001": 0.5, "0.0003": 0.5}, "the sweep picks the recipe's value (tied with 0.0001, 0.0003)"),
+        ({"3e-05": 0.3, "0.0001": 0.45, "0.0003": 0.5}, "prefers 0.0003 over the recipe's value by +5.0"),
+    ],
+)
+def test_report_validation_section_says_whether_the_sweep_picks_the_recipe_lr(finals, verdict):
+    import report
+
+    def run(final):
+        return {"curve": [[0, 0.25], [8, final]], "seconds_per_step": [40.0], "train_reward": [0.2, 0.4]}
+
+    result = {
+        "benchmark": "smollm2_validation",
+        "commands": ["python benchmarks/smollm2_learning.py --validate_lr 1e-4"],
+        "date": "2026-12-01",
+        "steps": 8,
+        "train_prompts": 41,
+        "recipe_learning_rate": 1e-4,
+        "validation": {"prompts": 14, "samples": 4},
+        "runs": {lr: {"0": run(final)} for lr, final in finals.items()},
+    }
+    assert report._kind("smollm2_validation", result) == "real_model_validation"
+    section = "\n".join(report.section_real_model_validation("smollm2_validation", result))
+    assert verdict in section and "56 per point" in section and "within 2 s.e." in section
+
+
 def test_demo_tasks_and_bad_task_name():
     from prime_trl.demo.run import DEMO_TASKS, run_demo
     from prime_trl.demo.warmstart import DEFAULT_SFT, HARD_SFT, default_sft_config
