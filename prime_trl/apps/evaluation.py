@@ -819,7 +819,7 @@ def answer_extractor(reward: str) -> Callable[[str], str | None]:
     return extract_final_answer if reward == "final_answer" else extract_boxed
 
 
-def _extract_answer(row: dict, text: str, extract: Callable[[str], str | None] = extract_boxed) -> str | None:
+def _extract_answer(row: dict, text: str, extract: Callable[[str], str | None]) -> str | None:
     return extract(text) if row["task"] == "math" else None
 
 
